@@ -1,0 +1,29 @@
+"""Exceptions raised by the library; the CLI and HTTP layers turn them into messages."""
+
+
+class DinosearchError(Exception):
+    """Base class: the message is one line a person can act on."""
+
+
+class WeightsUnavailable(DinosearchError):
+    """Model weights are neither local nor reachable on the hub."""
+
+
+class ModelMismatch(DinosearchError):
+    """An index is queried or extended with a model other than the one that built it."""
+
+
+class IndexFormatError(DinosearchError):
+    """The index directory is missing, unreadable or of an unknown format."""
+
+
+class IndexBusy(DinosearchError):
+    """Another process is writing this index."""
+
+
+class DecodeError(DinosearchError):
+    """A file could not be turned into an RGB photo; the message is the reason."""
+
+
+class ConfigError(DinosearchError):
+    """An option value is impossible (wrong resolution, unknown device or precision)."""

@@ -1,0 +1,197 @@
+"""Runner: wires reader (worker processes) -> embedder (this process) -> writer, and times each stage.
+
+Photos are handled in scan order through a bounded window of decode jobs, so
+memory stays flat whatever the folder size and ids are assigned the same way in
+a resumed run as in one clean run.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from indexer.embedder import Embedder
+from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeJob, Decoded, FileInfo, decode_file, scan
+from indexer.store import Manifest, Writer
+
+log = logging.getLogger(__name__)
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    batch_size: int = 16
+    workers: int = field(default_factory=default_workers)  # decode processes; 0 decodes in this process
+    commit_every: int = 1000  # photos between commits (a crash loses at most this much work)
+    commit_seconds: float = 300.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    global_kind: str | None = None  # FAISS factory string; None chooses by collection size
+    patch_kind: str | None = None
+    retry_failed: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunStats:
+    scanned: int = 0
+    unchanged: int = 0
+    new: int = 0
+    changed: int = 0
+    deleted: int = 0
+    indexed: int = 0
+    failed: int = 0
+    touched: int = 0  # same content, new mtime
+    commits: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def photos_per_second(self) -> float:
+        return self.indexed / self.seconds if self.seconds else 0.0
+
+
+def _decoded_in_order(files: list[FileInfo], job: DecodeJob, workers: int, window: int) -> Iterator[Decoded]:
+    """Decode files in worker processes, yielding results in input order with at most ``window`` in flight."""
+    if workers <= 0:
+        for f in files:
+            yield decode_file(f, job)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending: collections.deque[Future[Decoded]] = collections.deque()
+        it = iter(files)
+        try:
+            for f in it:
+                pending.append(pool.submit(decode_file, f, job))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for p in pending:
+                p.cancel()
+
+
+def index_folder(
+    root: str | os.PathLike,
+    index_dir: str | os.PathLike,
+    embedder: Embedder,
+    config: IndexConfig = IndexConfig(),
+    *,
+    on_commit: Callable[[RunStats], None] | None = None,
+) -> RunStats:
+    """Bring the index at ``index_dir`` up to date with the photos below ``root``."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    stats = RunStats()
+    root = str(Path(root).expanduser().absolute())
+    manifest = Manifest.for_embedder(embedder, global_kind=config.global_kind, patch_kind=config.patch_kind)
+    with Writer(index_dir, manifest) as writer:
+        if writer.manifest is not manifest:
+            writer.manifest.check(embedder)
+        scan_errors: list[tuple[str, str]] = []
+        files = list(scan(root, scan_errors))
+        stats.scanned = len(files)
+        known = writer.known()
+        seen = {f.path for f in files} | {p for p, _ in scan_errors}
+
+        prefix = root.rstrip(os.sep) + os.sep
+        gone = [v[0] for p, v in known.items() if p.startswith(prefix) and p not in seen]
+        writer.delete(gone)
+        stats.deleted = len(gone)
+
+        todo: list[FileInfo] = []
+        for f in files:
+            k = known.get(f.path)
+            if k is None:
+                stats.new += 1
+            elif (k[1], k[2]) == (f.size, f.mtime_ns) and (k[4] == "indexed" or not config.retry_failed):
+                stats.unchanged += 1
+                continue
+            else:
+                stats.changed += 1
+            todo.append(f)
+        for path, reason in scan_errors:
+            if path not in known:
+                writer.record_failure(writer.allocate_id(), path, 0, 0, None, reason)
+                stats.failed += 1
+                stats.failures.append((path, reason))
+
+        job = DecodeJob(embedder.config.resolution, config.max_pixels, config.max_bytes)
+        window = max(2 * config.batch_size, 4 * max(config.workers, 1))
+        batch_rows: list[tuple] = []
+        batch_pixels: list[np.ndarray] = []
+        since_commit, last_commit = 0, time.monotonic()
+
+        def flush() -> None:
+            if not batch_rows:
+                return
+            t = time.perf_counter()
+            out = embedder.embed(np.stack(batch_pixels))
+            t1 = time.perf_counter()
+            writer.add(batch_rows, out.cls, out.patches)
+            stats.stage_seconds["embed"] += t1 - t
+            stats.stage_seconds["write"] += time.perf_counter() - t1
+            stats.indexed += len(batch_rows)
+            batch_rows.clear()
+            batch_pixels.clear()
+
+        def commit() -> None:
+            nonlocal since_commit, last_commit
+            flush()
+            t = time.perf_counter()
+            if writer.commit() is not None:
+                stats.commits += 1
+            stats.stage_seconds["commit"] += time.perf_counter() - t
+            since_commit, last_commit = 0, time.monotonic()
+            if on_commit is not None:
+                on_commit(stats)
+
+        bar = tqdm(total=len(todo), unit="photo", disable=not config.progress or not todo, desc="indexing", smoothing=0.1)
+        results = _decoded_in_order(todo, job, config.workers, window)
+        while True:
+            t = time.perf_counter()
+            d = next(results, None)
+            stats.stage_seconds["decode_wait"] += time.perf_counter() - t
+            if d is None:
+                break
+            k = known.get(d.path)
+            photo_id = k[0] if k else writer.allocate_id()
+            if d.error is not None:
+                writer.record_failure(photo_id, d.path, d.size, d.mtime_ns, d.hash, d.error)
+                stats.failed += 1
+                stats.failures.append((d.path, d.error))
+                log.info("skipped %s: %s", d.path, d.error)
+            elif k is not None and k[3] == d.hash and k[4] == "indexed":
+                writer.touch(photo_id, d.size, d.mtime_ns)
+                stats.touched += 1
+            else:
+                batch_rows.append((photo_id, d.path, d.size, d.mtime_ns, d.hash, d.width, d.height))
+                batch_pixels.append(d.pixels)
+                if len(batch_rows) >= config.batch_size:
+                    flush()
+            since_commit += 1
+            bar.update(1)
+            if stats.failed:
+                bar.set_postfix(failed=stats.failed, refresh=False)
+            if since_commit >= config.commit_every or time.monotonic() - last_commit >= config.commit_seconds:
+                commit()
+        bar.close()
+        commit()
+    stats.seconds = time.perf_counter() - t0
+    return stats

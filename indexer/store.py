@@ -1,0 +1,452 @@
+"""Writer and on-disk format: one index directory of atomic snapshots.
+
+    IDX/CURRENT              name of the live snapshot, switched by os.replace
+    IDX/lock                 flock held by the single writer
+    IDX/snap-000007/         one complete snapshot, never modified once named
+        manifest.json        how the index was built (model, resolution, kinds, ...)
+        catalog.sqlite       photos: path, size, mtime, hash, size, status, error
+        global.faiss         CLS vectors, id = photo id
+        patches.faiss        patch vectors, id = photo id * h*w + row*w + col
+
+A commit writes a new snapshot beside the old one (``snap-N.tmp``), fsyncs it,
+renames it and then switches CURRENT; a reader that resolved CURRENT earlier
+keeps a complete snapshot (the previous one is kept until the next commit).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import faiss
+import numpy as np
+
+from indexer.errors import ConfigError, IndexBusy, IndexFormatError, ModelMismatch
+
+if TYPE_CHECKING:
+    from indexer.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+GLOBAL_FILE, PATCH_FILE, CATALOG_FILE, MANIFEST_FILE = "global.faiss", "patches.faiss", "catalog.sqlite", "manifest.json"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS photos (
+    id        INTEGER PRIMARY KEY,
+    path      BLOB NOT NULL UNIQUE,      -- os.fsencode(absolute path): any file name survives
+    size      INTEGER NOT NULL,
+    mtime_ns  INTEGER NOT NULL,
+    hash      TEXT,                      -- blake2b-128 of the file's bytes
+    width     INTEGER,
+    height    INTEGER,
+    status    TEXT NOT NULL CHECK (status IN ('indexed', 'failed')),
+    error     TEXT,
+    updated   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS photos_status ON photos(status);
+"""
+
+
+@dataclass
+class Manifest:
+    """Everything needed to query an index the way it was built."""
+
+    model: str
+    model_type: str
+    revision: str | None
+    dim: int
+    patch_size: int
+    num_registers: int
+    resolution: int
+    grid: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    precision: str
+    fingerprint: list[float]  # CLS of a fixed synthetic photo (see Embedder.fingerprint)
+    global_kind: str = "Flat"
+    patch_kind: str = "SQ8"
+    kinds_forced: tuple[str | None, str | None] = (None, None)
+    next_id: int = 1
+    format_version: int = FORMAT_VERSION
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+
+    @classmethod
+    def load(cls, path: Path) -> "Manifest":
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise IndexFormatError(f"{path} is missing: not a dinosearch index") from None
+        except (OSError, ValueError) as e:
+            raise IndexFormatError(f"{path} is unreadable: {e}") from None
+        if data.get("format_version") != FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{path}: index format {data.get('format_version')!r}, this dinosearch reads format {FORMAT_VERSION}; rebuild the index"
+            )
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise IndexFormatError(f"{path}: malformed manifest ({e})") from None
+
+    @classmethod
+    def for_embedder(cls, e: "Embedder", *, global_kind: str | None = None, patch_kind: str | None = None) -> "Manifest":
+        return cls(
+            model=e.config.model, model_type=e.model_type, revision=e.config.revision, dim=e.dim,
+            patch_size=e.patch_size, num_registers=e.num_registers, resolution=e.config.resolution,
+            grid=e.grid, mean=e.mean, std=e.std, precision=e.precision,
+            fingerprint=[round(float(v), 6) for v in e.fingerprint()],
+            global_kind=global_kind or choose_kind(0, e.dim, patches=False),
+            patch_kind=patch_kind or choose_kind(0, e.dim, patches=True),
+            kinds_forced=(global_kind, patch_kind),
+        )
+
+    def check(self, e: "Embedder") -> None:
+        """Raise ModelMismatch unless ``e`` embeds exactly like the model that built this index."""
+        built = f"{self.model} ({self.model_type}, dim {self.dim}, patch {self.patch_size}, {self.resolution}px)"
+        given = f"{e.config.model} ({e.model_type}, dim {e.dim}, patch {e.patch_size}, {e.config.resolution}px)"
+        if (self.model_type, self.dim, self.patch_size, self.resolution) != (e.model_type, e.dim, e.patch_size, e.config.resolution):
+            raise ModelMismatch(f"index was built with {built} but the model given is {given}; use the same --model or a new --index")
+        ref = np.asarray(self.fingerprint, np.float32)
+        cos = float(ref @ e.fingerprint() / (np.linalg.norm(ref) + 1e-12))
+        if cos < 0.99:
+            raise ModelMismatch(
+                f"index was built with {self.model} but {e.config.model} embeds differently (fingerprint cosine {cos:.3f}): "
+                f"other weights or preprocessing; use the model that built the index or a new --index"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+# ---------------------------------------------------------------- index kinds
+
+GLOBAL_FLAT_MAX = 200_000  # exact search below this many photos
+PATCH_SQ8_MAX = 600_000  # 8-bit scalar quantized flat below this many patch vectors
+
+
+def choose_kind(n: int, dim: int, *, patches: bool) -> str:
+    """FAISS factory string for n vectors: exact/SQ8 while small, IVF above."""
+    nlist = 1 << max(4, round(math.log2(4 * math.sqrt(max(n, 1)))))
+    if patches:
+        if n <= PATCH_SQ8_MAX:
+            return "SQ8"
+        return f"IVF{nlist},PQ{dim // 8}"
+    if n <= GLOBAL_FLAT_MAX:
+        return "Flat"
+    return f"IVF{nlist},Flat"
+
+
+def make_index(kind: str, dim: int, train: np.ndarray | None) -> faiss.Index:
+    """An empty ID-mapped inner-product index of ``kind``, trained on ``train`` if it needs it."""
+    try:
+        inner = faiss.index_factory(dim, kind, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ConfigError(f"bad FAISS index kind {kind!r}: {str(e).splitlines()[0]}") from None
+    if isinstance(inner, faiss.IndexScalarQuantizer):
+        inner.sq.rangestat = faiss.ScalarQuantizer.RS_minmax
+        inner.sq.rangestat_arg = 0.2  # headroom beyond the training range for later photos
+    if not inner.is_trained:
+        if train is None or len(train) == 0:
+            raise ConfigError(f"index kind {kind!r} needs training vectors")
+        inner.train(np.ascontiguousarray(train, dtype=np.float32))
+    if isinstance(inner, faiss.IndexIVF):
+        inner.nprobe = min(inner.nlist, 32)
+        return inner  # IVF carries ids itself
+    return faiss.IndexIDMap2(inner)
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """All ids stored in an index made by make_index."""
+    if isinstance(index, faiss.IndexIDMap2) or isinstance(index, faiss.IndexIDMap):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.extract_index_ivf(index)
+    invlists = ivf.invlists
+    out = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy() for i in range(ivf.nlist) if invlists.list_size(i)]
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def reconstruct_all(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of everything in the index (exact for Flat, decoded for compressed kinds)."""
+    ids = index_ids(index)
+    if len(ids) == 0:
+        return ids, np.zeros((0, index.d), np.float32)
+    if isinstance(index, faiss.IndexIVF):
+        index.make_direct_map()
+        return ids, index.reconstruct_batch(ids)
+    return ids, index.index.reconstruct_n(0, index.ntotal)
+
+
+def read_index(path: Path, *, mmap: bool = False) -> faiss.Index:
+    if not path.is_file():
+        raise IndexFormatError(f"{path} is missing")
+    try:
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = faiss.read_index(str(path), flags)
+    except RuntimeError as e:
+        raise IndexFormatError(f"{path} is corrupt or truncated: {str(e).splitlines()[0][:200]}") from None
+    return index  # read_index already returns the concrete class (downcasting again would drop ownership)
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def current_snapshot(root: Path) -> Path | None:
+    """The live snapshot directory of an index, or None if nothing was committed."""
+    cur = root / "CURRENT"
+    if not cur.exists():
+        return None
+    name = cur.read_text().strip()
+    snap = root / name
+    if not name.startswith("snap-") or not snap.is_dir():
+        raise IndexFormatError(f"{cur} points at '{name}', which is not a snapshot in {root}")
+    return snap
+
+
+@dataclass
+class Snapshot:
+    """A committed, read-only view of an index directory."""
+
+    path: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "Snapshot":
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise IndexFormatError(f"no index at {root} (run `dinosearch index FOLDER --index {root}` first)")
+        snap = current_snapshot(root)
+        if snap is None:
+            raise IndexFormatError(f"{root} has no committed snapshot yet: not a dinosearch index, or its first run has not committed")
+        return cls(snap, Manifest.load(snap / MANIFEST_FILE))
+
+    def catalog(self) -> sqlite3.Connection:
+        """Read-only connection to the snapshot's catalog."""
+        path = self.path / CATALOG_FILE
+        if not path.is_file():
+            raise IndexFormatError(f"{path} is missing")
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+            db.execute("SELECT count(*) FROM photos").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise IndexFormatError(f"{path} is corrupt: {e}") from None
+        return db
+
+    def global_index(self) -> faiss.Index:
+        return read_index(self.path / GLOBAL_FILE)
+
+    def patch_index(self) -> faiss.Index:
+        return read_index(self.path / PATCH_FILE)
+
+
+class Writer:
+    """The single writer of an index directory: catalog + indexes in memory, committed as snapshots."""
+
+    def __init__(self, root: str | os.PathLike, manifest: Manifest):
+        self.root = Path(root).expanduser().absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / "lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise IndexBusy(f"another dinosearch process is writing {self.root}; wait for it to finish") from None
+        self._clean()
+        snap = current_snapshot(self.root)
+        self.db = sqlite3.connect(":memory:")
+        if snap is None:
+            self.manifest = manifest
+            self.db.executescript(SCHEMA)
+            self.global_index: faiss.Index | None = None
+            self.patch_index: faiss.Index | None = None
+        else:
+            old = Snapshot(snap, Manifest.load(snap / MANIFEST_FILE))
+            src = old.catalog()
+            src.backup(self.db)
+            src.close()
+            self.manifest = old.manifest
+            self.global_index = old.global_index()
+            self.patch_index = old.patch_index()
+            if self.global_index.ntotal == 0:  # built on the first add, with its chosen kind
+                self.global_index = self.patch_index = None
+        self.dirty = False
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        self.db.close()
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
+        self._lock.close()
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _snapshots(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("snap-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+    def _clean(self) -> None:
+        """Remove unfinished snapshots, and committed ones older than the previous one."""
+        for tmp in self.root.glob("snap-*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        live = current_snapshot(self.root)
+        snaps = self._snapshots()
+        if live is None:
+            for s in snaps:  # named but never made current: a crash between rename and switch
+                shutil.rmtree(s, ignore_errors=True)
+            return
+        keep = {live}
+        older = [s for s in snaps if s.name < live.name]
+        if older:
+            keep.add(older[-1])
+        for s in snaps:
+            if s not in keep:
+                shutil.rmtree(s, ignore_errors=True)
+
+    # -- catalog
+
+    def known(self) -> dict[str, tuple[int, int, int, str | None, str]]:
+        """path -> (id, size, mtime_ns, hash, status) for every photo in the catalog."""
+        rows = self.db.execute("SELECT path, id, size, mtime_ns, hash, status FROM photos")
+        return {os.fsdecode(p): (i, s, m, h, st) for p, i, s, m, h, st in rows}
+
+    def allocate_id(self) -> int:
+        i = self.manifest.next_id
+        self.manifest.next_id += 1
+        return i
+
+    def record_failure(self, photo_id: int, path: str, size: int, mtime_ns: int, hash_: str | None, error: str) -> None:
+        self._remove_vectors([photo_id])
+        self._upsert(photo_id, path, size, mtime_ns, hash_, None, None, "failed", error)
+
+    def touch(self, photo_id: int, size: int, mtime_ns: int) -> None:
+        """Same content, new mtime: update the catalog only."""
+        self.db.execute("UPDATE photos SET size=?, mtime_ns=? WHERE id=?", (size, mtime_ns, photo_id))
+        self.dirty = True
+
+    def _upsert(self, photo_id, path, size, mtime_ns, hash_, width, height, status, error) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO photos (id, path, size, mtime_ns, hash, width, height, status, error, updated) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (photo_id, os.fsencode(path), size, mtime_ns, hash_, width, height, status, error, time.time()),
+        )
+        self.dirty = True
+
+    def delete(self, photo_ids: Iterable[int]) -> None:
+        ids = [int(i) for i in photo_ids]
+        if not ids:
+            return
+        self._remove_vectors(ids)
+        self.db.executemany("DELETE FROM photos WHERE id=?", [(i,) for i in ids])
+        self.dirty = True
+
+    # -- vectors
+
+    def _patch_ids(self, photo_ids: np.ndarray) -> np.ndarray:
+        g = self.manifest.grid * self.manifest.grid
+        return (np.asarray(photo_ids, np.int64)[:, None] * g + np.arange(g, dtype=np.int64)[None, :]).ravel()
+
+    def _remove_vectors(self, photo_ids: list[int]) -> None:
+        if self.global_index is None or not photo_ids:
+            return
+        ids = np.asarray(photo_ids, np.int64)
+        self.global_index.remove_ids(faiss.IDSelectorBatch(ids))
+        self.patch_index.remove_ids(faiss.IDSelectorBatch(self._patch_ids(ids)))
+
+    def add(self, rows: list[tuple[int, str, int, int, str, int, int]], cls: np.ndarray, patches: np.ndarray) -> None:
+        """Add (or replace) photos: rows of (id, path, size, mtime_ns, hash, width, height), CLS [B, D], patches [B, h, w, D]."""
+        m = self.manifest
+        b = len(rows)
+        assert cls.shape == (b, m.dim) and patches.shape == (b, m.grid, m.grid, m.dim), (cls.shape, patches.shape)
+        ids = np.array([r[0] for r in rows], np.int64)
+        flat = np.ascontiguousarray(patches.reshape(-1, m.dim), dtype=np.float32)
+        if self.global_index is None:
+            self.global_index = make_index(m.global_kind, m.dim, cls)
+            self.patch_index = make_index(m.patch_kind, m.dim, flat)
+        self._remove_vectors(ids.tolist())
+        self.global_index.add_with_ids(np.ascontiguousarray(cls, dtype=np.float32), ids)
+        self.patch_index.add_with_ids(flat, self._patch_ids(ids))
+        for r in rows:
+            self._upsert(*r, "indexed", None)
+
+    def _refit_kinds(self) -> None:
+        """Rebuild an index whose size has outgrown its kind (unless the kind was forced)."""
+        m = self.manifest
+        for attr, patches, forced in (("global_index", False, m.kinds_forced[0]), ("patch_index", True, m.kinds_forced[1])):
+            index = getattr(self, attr)
+            if index is None or forced:
+                continue
+            kind = choose_kind(index.ntotal, m.dim, patches=patches)
+            current = m.patch_kind if patches else m.global_kind
+            if kind == current or current.startswith("IVF"):  # IVF kinds are kept once trained
+                continue
+            log.info("rebuilding %s: %d vectors, %s -> %s", attr, index.ntotal, current, kind)
+            ids, xb = reconstruct_all(index)
+            sample = xb[np.random.default_rng(0).permutation(len(xb))[: 256 * 1024]]
+            new = make_index(kind, m.dim, sample)
+            new.add_with_ids(xb, ids)
+            setattr(self, attr, new)
+            if patches:
+                m.patch_kind = kind
+            else:
+                m.global_kind = kind
+
+    # -- commit
+
+    def commit(self) -> Path | None:
+        """Write everything as a new snapshot and switch CURRENT to it atomically."""
+        if not self.dirty and current_snapshot(self.root) is not None:
+            return None
+        self._refit_kinds()
+        snaps = self._snapshots()
+        number = int(snaps[-1].name.split("-")[1]) + 1 if snaps else 1
+        name = f"snap-{number:06d}"
+        tmp = self.root / f"{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self.manifest.updated = time.time()
+        empty = faiss.IndexIDMap2(faiss.IndexFlatIP(self.manifest.dim))  # nothing indexed yet
+        faiss.write_index(self.global_index or empty, str(tmp / GLOBAL_FILE))
+        faiss.write_index(self.patch_index or empty, str(tmp / PATCH_FILE))
+        dst = sqlite3.connect(tmp / CATALOG_FILE)
+        self.db.commit()
+        self.db.backup(dst)
+        dst.close()
+        (tmp / MANIFEST_FILE).write_text(self.manifest.to_json())
+        for f in (GLOBAL_FILE, PATCH_FILE, CATALOG_FILE, MANIFEST_FILE):
+            _fsync_file(tmp / f)
+        _fsync_dir(tmp)
+        final = self.root / name
+        os.replace(tmp, final)
+        cur_tmp = self.root / "CURRENT.tmp"
+        cur_tmp.write_text(name + "\n")
+        _fsync_file(cur_tmp)
+        os.replace(cur_tmp, self.root / "CURRENT")
+        _fsync_dir(self.root)
+        self.dirty = False
+        self._clean()
+        return final
