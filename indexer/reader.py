@@ -11,9 +11,9 @@ import hashlib
 import io
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pillow_heif
@@ -119,7 +119,7 @@ def open_photo(data: bytes, *, draft_size: int = 0, max_pixels: int = DEFAULT_MA
     except Image.UnidentifiedImageError:
         raise DecodeError("not an image, or an unsupported format") from None
     except Exception as e:  # Pillow raises many types for garbage headers
-        raise DecodeError(f"unreadable image header ({type(e).__name__}: {e})") from None
+        raise DecodeError(f"corrupt or truncated image header ({type(e).__name__}: {e})") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise DecodeError(f"invalid image size {w}x{h}")

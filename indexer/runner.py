@@ -12,15 +12,15 @@ import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
 from indexer.embedder import Embedder
-from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeJob, Decoded, FileInfo, decode_file, scan
+from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Decoded, DecodeJob, FileInfo, decode_file, scan
 from indexer.store import Manifest, Writer
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,10 @@ import os
 import shutil
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -82,7 +83,7 @@ class Manifest:
     updated: float = field(default_factory=time.time)
 
     @classmethod
-    def load(cls, path: Path) -> "Manifest":
+    def load(cls, path: Path) -> Manifest:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -99,7 +100,7 @@ class Manifest:
             raise IndexFormatError(f"{path}: malformed manifest ({e})") from None
 
     @classmethod
-    def for_embedder(cls, e: "Embedder", *, global_kind: str | None = None, patch_kind: str | None = None) -> "Manifest":
+    def for_embedder(cls, e: Embedder, *, global_kind: str | None = None, patch_kind: str | None = None) -> Manifest:
         return cls(
             model=e.config.model, model_type=e.model_type, revision=e.config.revision, dim=e.dim,
             patch_size=e.patch_size, num_registers=e.num_registers, resolution=e.config.resolution,
@@ -110,7 +111,7 @@ class Manifest:
             kinds_forced=(global_kind, patch_kind),
         )
 
-    def check(self, e: "Embedder") -> None:
+    def check(self, e: Embedder) -> None:
         """Raise ModelMismatch unless ``e`` embeds exactly like the model that built this index."""
         built = f"{self.model} ({self.model_type}, dim {self.dim}, patch {self.patch_size}, {self.resolution}px)"
         given = f"{e.config.model} ({e.model_type}, dim {e.dim}, patch {e.patch_size}, {e.config.resolution}px)"
@@ -181,8 +182,10 @@ def reconstruct_all(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     if len(ids) == 0:
         return ids, np.zeros((0, index.d), np.float32)
     if isinstance(index, faiss.IndexIVF):
-        index.make_direct_map()
-        return ids, index.reconstruct_batch(ids)
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        xb = index.reconstruct_batch(ids)
+        index.set_direct_map_type(faiss.DirectMap.NoMap)
+        return ids, xb
     return ids, index.index.reconstruct_n(0, index.ntotal)
 
 
@@ -233,7 +236,7 @@ class Snapshot:
     manifest: Manifest
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> "Snapshot":
+    def open(cls, root: str | os.PathLike) -> Snapshot:
         root = Path(root).expanduser()
         if not root.is_dir():
             raise IndexFormatError(f"no index at {root} (run `dinosearch index FOLDER --index {root}` first)")
@@ -300,7 +303,7 @@ class Writer:
         fcntl.flock(self._lock, fcntl.LOCK_UN)
         self._lock.close()
 
-    def __enter__(self) -> "Writer":
+    def __enter__(self) -> Writer:
         return self
 
     def __exit__(self, *exc: object) -> None:

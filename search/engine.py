@@ -65,7 +65,7 @@ class Engine:
         self.global_index = snap.global_index()
         ivf = faiss.try_extract_index_ivf(self.global_index)
         if ivf is not None:
-            ivf.make_direct_map()  # reconstruct by id for the exact re-rank
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct by (any) id for the exact re-rank
             ivf.nprobe = min(ivf.nlist, 32)
         if self._embedder is not None:
             self.manifest.check(self._embedder)

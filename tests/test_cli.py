@@ -1,0 +1,118 @@
+"""The `dinosearch` command as a user runs it: subprocesses, exit codes, output, SIGKILL and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import sample_photos
+from test_index import assert_consistent, catalog_rows
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=ENV, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"dinosearch {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def test_index_search_info_json(photos, tiny_model, tmp_path):
+    idx = tmp_path / "idx"
+    out = run("index", str(photos), "--index", str(idx), "--model", str(tiny_model), "-q").stdout
+    assert "48 indexed" in out and "0 failed" in out
+    query = sorted(photos.rglob("*.jpg"))[4]
+    hits = json.loads(run("search", str(idx), str(query), "-k", "3", "--json").stdout)
+    assert len(hits) == 3 and hits[0]["path"] == str(query) and hits[0]["score"] > 0.999
+    text = run("search", str(idx), str(hits[1]["id"]), "--id", "-k", "1").stdout
+    assert text.split()[2] == hits[1]["path"]
+    info = json.loads(run("info", str(idx), "--json").stdout)
+    assert info["photos_indexed"] == 48 and info["global_vectors"] == 48 and info["patch_vectors"] == 48 * 256
+    assert info["model"] == str(tiny_model) and info["precision"] in ("fp32", "bf16")
+    # second run: nothing to do, and the model comes from the index
+    assert "0 indexed" in run("index", str(photos), "--index", str(idx), "-q").stdout
+
+
+def test_offline_hub_id_one_line_error(photos, tmp_path):
+    p = run("index", str(photos), "--index", str(tmp_path / "idx"), "--model", "facebook/dinov2-small", check=False)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dinosearch: error: cannot load model 'facebook/dinov2-small'")
+    assert "--model DIR" in lines[0]
+    assert not (tmp_path / "idx").exists()
+
+
+def test_clear_errors_for_missing_things(photos, tiny_model, tmp_path):
+    p = run("search", str(tmp_path / "nothing"), "q.jpg", check=False)
+    assert p.returncode == 2 and "no index at" in p.stderr and "Traceback" not in p.stderr
+    p = run("index", str(tmp_path / "nope"), "--index", str(tmp_path / "i"), "--model", str(tiny_model), check=False)
+    assert p.returncode == 2 and "not a folder" in p.stderr
+    idx = tmp_path / "idx"
+    run("index", str(photos), "--index", str(idx), "--model", str(tiny_model), "-q")
+    p = run("search", str(idx), str(tmp_path / "missing.jpg"), check=False)
+    assert p.returncode == 2 and "query photo not found" in p.stderr
+    (tmp_path / "bad.jpg").write_text("nope")
+    p = run("search", str(idx), str(tmp_path / "bad.jpg"), check=False)
+    assert p.returncode == 2 and "not an image" in p.stderr
+    p = run("search", str(idx), "99999", "--id", check=False)
+    assert p.returncode == 2 and "photo id 99999 is not in the index" in p.stderr
+    p = run("index", str(photos), "--index", str(idx), "--resolution", "112", check=False)
+    assert p.returncode == 2 and "built at 224px" in p.stderr
+
+
+def _kill_and_resume(folder: Path, idx: Path, model: Path, trials: int, seed: int) -> int:
+    """SIGKILL `dinosearch index` at random moments, re-running each time; returns how many kills landed mid-run."""
+    rng = random.Random(seed)
+    args = [sys.executable, "-m", "api.cli", "index", str(folder), "--index", str(idx), "--model", str(model),
+            "-q", "--batch-size", "4", "--commit-every", "8", "--workers", "1"]
+    killed = 0
+    for _ in range(trials):
+        proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(2.0, 9.0))  # start-up takes ~2-3 s; kills land in load, scan, embed or commit
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed += 1
+        proc.wait()
+        if idx.exists() and (idx / "CURRENT").exists():
+            assert_consistent(idx)
+    final = subprocess.run(args, env=ENV, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    return killed
+
+
+def _crash_trial(tmp_path, tiny_model, trials: int, seed: int) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in sample_photos(5):
+        shutil.copy(p, folder / p.name)
+    (folder / "broken.jpg").write_bytes(b"garbage")
+    clean = tmp_path / "clean"
+    run("index", str(folder), "--index", str(clean), "--model", str(tiny_model), "-q")
+    idx = tmp_path / "idx"
+    killed = _kill_and_resume(folder, idx, tiny_model, trials, seed)
+    assert killed >= 1
+    assert catalog_rows(idx) == catalog_rows(clean)  # same ids, paths, statuses, hashes
+    assert_consistent(idx)
+    q = str(sorted(folder.glob("*.jpg"))[17])
+    a = run("search", str(idx), q, "-k", "10", "--json").stdout
+    b = run("search", str(clean), q, "-k", "10", "--json").stdout
+    assert json.loads(a) == json.loads(b)
+    assert not list(idx.glob("snap-*.tmp")) and len(list(idx.glob("snap-*"))) <= 2
+
+
+def test_sigkill_then_resume_matches_a_clean_run(tmp_path, tiny_model):
+    _crash_trial(tmp_path, tiny_model, trials=3, seed=1)
+
+
+@pytest.mark.slow
+def test_sigkill_many_trials(tmp_path, tiny_model):
+    _crash_trial(tmp_path, tiny_model, trials=20, seed=2)

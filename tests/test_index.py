@@ -1,0 +1,202 @@
+"""Indexing a real photo folder end to end, re-runs, bad files, model mismatch, atomic commits."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sqlite3
+
+import faiss
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.embedder import Embedder, EmbedderConfig
+from indexer.errors import IndexBusy, ModelMismatch
+from indexer.reader import load_query
+from indexer.runner import IndexConfig, index_folder
+from indexer.store import Snapshot, Writer
+from indexer.testing import save_random_model
+from search import Engine
+
+CFG = IndexConfig(batch_size=8, workers=1, progress=False)
+
+
+def catalog_rows(idx) -> list[tuple]:
+    db = Snapshot.open(idx).catalog()
+    return db.execute("SELECT id, path, status, hash, width, height FROM photos ORDER BY id").fetchall()
+
+
+def assert_consistent(idx) -> None:
+    """Every indexed photo has exactly one global vector and grid*grid patch vectors, nothing else."""
+    snap = Snapshot.open(idx)
+    db = snap.catalog()
+    indexed = sorted(i for (i,) in db.execute("SELECT id FROM photos WHERE status='indexed'"))
+    g, p = snap.global_index(), snap.patch_index()
+    gids = np.sort(faiss.vector_to_array(g.id_map))
+    assert gids.tolist() == indexed
+    pids = faiss.vector_to_array(p.id_map)
+    grid2 = snap.manifest.grid**2
+    assert len(pids) == len(set(pids.tolist())) == grid2 * len(indexed)
+    assert sorted(set((pids // grid2).tolist())) == indexed
+
+
+def test_index_then_find_a_reencoded_copy_at_rank_1(photos, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    stats = index_folder(photos, idx, embedder, CFG)
+    assert (stats.indexed, stats.failed, stats.new) == (48, 0, 48)
+    assert_consistent(idx)
+    engine = Engine(idx, embedder=embedder)
+    for src in sorted(photos.rglob("*.jpg"))[::7]:
+        img = Image.open(src).convert("RGB")
+        img = img.resize((img.width * 3 // 4, img.height * 3 // 4))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=70)
+        hits = engine.similar(buf.getvalue(), k=5)
+        assert hits[0].path == str(src), (src, hits[:2])
+        assert hits[0].score > 0.95 and hits[0].score >= hits[1].score
+
+
+def test_faiss_results_equal_brute_force(photos, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, CFG)
+    engine = Engine(idx, embedder=embedder)
+    files = sorted(photos.rglob("*.jpg"))
+    xb = np.concatenate([embedder.embed(load_query(f, 224)[0][None]).cls for f in files])
+    path_of = {str(f): i for i, f in enumerate(files)}
+    for qi in (0, 11, 30):
+        scores = xb @ xb[qi]
+        expect = np.argsort(-scores, kind="stable")[:10]
+        hits = engine.similar(str(files[qi]), k=10)
+        assert [path_of[h.path] for h in hits] == expect.tolist()
+        assert np.allclose([h.score for h in hits], scores[expect], atol=1e-4)
+    # patch index (SQ8 by default): the patch it finds is, by exact score, as good as brute force's best
+    snap = Snapshot.open(idx)
+    cat = {os.fsdecode(p): i for i, p in snap.catalog().execute("SELECT id, path FROM photos")}
+    pb = {}
+    for f in files:
+        pb[cat[str(f)]] = embedder.embed(load_query(f, 224)[0][None]).patches[0].reshape(256, 32)
+    ids = np.array(sorted(pb))
+    xpb = np.concatenate([pb[i] for i in ids])
+    xq = pb[cat[str(files[5])]][::13] * 0.9 + pb[cat[str(files[9])]][::13] * 0.1  # patches near, not in, the index
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    D, I = snap.patch_index().search(np.ascontiguousarray(xq), 1)
+    exact = xpb @ xq.T
+    found = np.array([exact[np.searchsorted(ids, i // 256) * 256 + i % 256, j] for j, i in enumerate(I[:, 0])])
+    assert np.all(found >= exact.max(0) - 0.01)
+    assert np.abs(D[:, 0] - found).max() < 0.02
+
+
+def test_k_larger_than_collection_and_empty_filter(photos, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, CFG)
+    engine = Engine(idx, embedder=embedder)
+    assert len(engine.similar(1, k=500)) == 48
+    assert engine.similar(1, k=0) == []
+    assert [h.photo_id for h in engine.similar(1, k=5, allowed={3, 7})] in ([3, 7], [7, 3])
+
+
+def test_rerun_adds_changes_touches_and_deletes(photos, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, CFG)
+    before = {r[1]: r for r in catalog_rows(idx)}
+    files = sorted(photos.rglob("*.jpg"))
+    deleted, changed, touched = files[0], files[1], files[2]
+    deleted.unlink()
+    Image.open(files[3]).save(changed)  # other content, same name
+    os.utime(touched, ns=(1, 1_000_000_000))  # same content, new mtime
+    added = photos / "new" / "added.png"
+    added.parent.mkdir()
+    Image.open(files[4]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(added)
+    stats = index_folder(photos, idx, embedder, CFG)
+    assert (stats.deleted, stats.changed, stats.new, stats.touched, stats.indexed, stats.unchanged) == (1, 2, 1, 1, 2, 45)
+    after = {r[1]: r for r in catalog_rows(idx)}
+    assert os.fsencode(str(deleted)) not in after
+    assert after[os.fsencode(str(changed))][0] == before[os.fsencode(str(changed))][0]  # same id, new vectors
+    assert after[os.fsencode(str(changed))][3] != before[os.fsencode(str(changed))][3]
+    assert after[os.fsencode(str(added))][0] == 49
+    assert_consistent(idx)
+    engine = Engine(idx, embedder=embedder)
+    assert engine.similar(str(files[3]), k=2)[1].path in (str(changed), str(files[3]))
+    assert index_folder(photos, idx, embedder, CFG).indexed == 0  # nothing left to do
+    assert len(os.listdir(idx)) <= 5  # CURRENT, lock, at most two snapshots
+
+
+def test_bad_files_are_recorded_and_the_run_goes_on(photos, embedder, tmp_path):
+    (photos / "zero.jpg").write_bytes(b"")
+    (photos / "text.jpg").write_text("not a photo")
+    good = (photos / "sub").glob("*.jpg").__next__().read_bytes()
+    (photos / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (photos / "broken-link.jpg").symlink_to(photos / "does-not-exist.jpg")
+    (photos / "denied.jpg").write_bytes(good)
+    os.chmod(photos / "denied.jpg", 0)
+    idx = tmp_path / "idx"
+    stats = index_folder(photos, idx, embedder, CFG)
+    reasons = dict((os.path.basename(p), r) for p, r in stats.failures)
+    assert "empty file" in reasons["zero.jpg"] and "not an image" in reasons["text.jpg"]
+    assert "broken link" in reasons["broken-link.jpg"]
+    assert stats.indexed >= 48
+    if os.geteuid() != 0:  # root reads anything
+        assert reasons["denied.jpg"] == "permission denied"
+    failed = {os.path.basename(os.fsdecode(p)): e for p, e in Snapshot.open(idx).catalog().execute("SELECT path, error FROM photos WHERE status='failed'")}
+    assert {"zero.jpg", "text.jpg", "broken-link.jpg"} <= set(failed)
+    assert_consistent(idx)
+    # failures are not retried unless asked, and are retried when the file is fixed
+    assert index_folder(photos, idx, embedder, CFG).failed == 0
+    shutil.copy(photos / "denied.jpg", photos / "zero.jpg") if os.geteuid() == 0 else (photos / "zero.jpg").write_bytes(good)
+    stats = index_folder(photos, idx, embedder, CFG)
+    assert stats.changed == 1 and stats.indexed == 1
+    assert_consistent(idx)
+
+
+def test_model_mismatch_is_a_clear_error(photos, embedder, tiny_model, tmp_path):
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, CFG)
+    other = Embedder(EmbedderConfig(model=str(save_random_model(tmp_path / "other", "tiny", seed=1)), device="cpu"))
+    with pytest.raises(ModelMismatch, match="embeds differently"):
+        Engine(idx, embedder=other)
+    with pytest.raises(ModelMismatch, match="embeds differently"):
+        index_folder(photos, idx, other, CFG)
+    low = Embedder(EmbedderConfig(model=str(tiny_model), resolution=112, device="cpu"))
+    with pytest.raises(ModelMismatch, match="224px.*112px"):
+        Engine(idx, embedder=low)
+
+
+def test_one_writer_at_a_time_and_readers_keep_their_snapshot(photos, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, CFG)
+    reader = Engine(idx, embedder=embedder)
+    n = len(reader)
+    from indexer.store import Manifest
+
+    with Writer(idx, Manifest.for_embedder(embedder)) as w:
+        with pytest.raises(IndexBusy):
+            Writer(idx, Manifest.for_embedder(embedder))
+        w.delete([1, 2, 3])
+        w.commit()
+        assert len(reader) == n and len(reader.similar(5, k=100)) == n  # old snapshot still whole
+        assert reader.refresh() and len(reader) == n - 3
+
+
+def test_forced_ivf_kind_with_exact_rerank(photos, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, IndexConfig(batch_size=48, workers=0, progress=False, global_kind="IVF4,Flat", patch_kind="IVF4,PQ4"))
+    engine = Engine(idx, embedder=embedder)
+    assert engine.manifest.global_kind == "IVF4,Flat" and engine.manifest.patch_kind == "IVF4,PQ4"
+    hits = engine.similar(10, k=48)
+    assert len(hits) == 48 and hits[0].photo_id == 10
+    assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+    # delete works on IVF kinds too
+    (sorted(photos.rglob("*.jpg"))[0]).unlink()
+    index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
+    assert len(Engine(idx, embedder=embedder)) == 47
+
+
+def test_catalog_is_plain_sqlite(photos, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, CFG)
+    snap = Snapshot.open(idx)
+    db = sqlite3.connect(snap.path / "catalog.sqlite")
+    (n, w) = db.execute("SELECT count(*), min(width) FROM photos WHERE status='indexed'").fetchone()
+    assert n == 48 and w > 0
