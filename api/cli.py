@@ -34,6 +34,17 @@ def _human(n: float) -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from indexer.runner import start_pool
+
+    pool = start_pool(args.workers)  # decode processes start while the model loads
+    try:
+        return _index(args, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _index(args: argparse.Namespace, pool) -> int:
     from indexer.embedder import Embedder, EmbedderConfig
     from indexer.runner import IndexConfig, index_folder
     from indexer.store import Snapshot, current_snapshot
@@ -56,7 +67,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         global_kind=args.global_kind, patch_kind=args.patch_kind, retry_failed=args.retry_failed,
         progress=not args.quiet,
     )
-    stats = index_folder(args.folder, idx, embedder, cfg)
+    stats = index_folder(args.folder, idx, embedder, cfg, pool=pool)
     print(
         f"{stats.indexed} indexed, {stats.touched} touched, {stats.unchanged} unchanged, {stats.deleted} deleted, "
         f"{stats.failed} failed in {stats.seconds:.1f}s ({stats.photos_per_second:.1f} photos/s) -> {idx}"

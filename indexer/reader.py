@@ -200,6 +200,10 @@ def decode_file(info: FileInfo, job: DecodeJob) -> Decoded:
     return out
 
 
+def warm_up() -> None:
+    """Run in a fresh decode process so its imports are done before the first photo arrives."""
+
+
 def load_query(source: str | os.PathLike | bytes, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
     """A query photo (path or bytes) -> pixels exactly as an indexed photo would get."""
     data = source if isinstance(source, bytes) else read_file(Path(source))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.embedder import Embedder
-from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Decoded, DecodeJob, FileInfo, decode_file, scan
+from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Decoded, DecodeJob, FileInfo, decode_file, scan, warm_up
 from indexer.store import Manifest, Writer
 
 log = logging.getLogger(__name__)
@@ -64,26 +64,34 @@ class RunStats:
         return self.indexed / self.seconds if self.seconds else 0.0
 
 
-def _decoded_in_order(files: list[FileInfo], job: DecodeJob, workers: int, window: int) -> Iterator[Decoded]:
-    """Decode files in worker processes, yielding results in input order with at most ``window`` in flight."""
+def start_pool(workers: int) -> ProcessPoolExecutor | None:
+    """Decode processes, started now so their start-up overlaps the scan (None: decode in-process)."""
     if workers <= 0:
+        return None
+    # spawn, not fork: no copy of a process holding torch's thread pools (scripts need a __main__ guard)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    for _ in range(workers):
+        pool.submit(warm_up)
+    return pool
+
+
+def _decoded_in_order(files: list[FileInfo], job: DecodeJob, pool: ProcessPoolExecutor | None, window: int) -> Iterator[Decoded]:
+    """Decode files in worker processes, yielding results in input order with at most ``window`` in flight."""
+    if pool is None:
         for f in files:
             yield decode_file(f, job)
         return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        pending: collections.deque[Future[Decoded]] = collections.deque()
-        it = iter(files)
-        try:
-            for f in it:
-                pending.append(pool.submit(decode_file, f, job))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
+    pending: collections.deque[Future[Decoded]] = collections.deque()
+    try:
+        for f in files:
+            pending.append(pool.submit(decode_file, f, job))
+            if len(pending) >= window:
                 yield pending.popleft().result()
-        finally:
-            for p in pending:
-                p.cancel()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for p in pending:
+            p.cancel()
 
 
 def index_folder(
@@ -93,13 +101,29 @@ def index_folder(
     config: IndexConfig = IndexConfig(),
     *,
     on_commit: Callable[[RunStats], None] | None = None,
+    pool: ProcessPoolExecutor | None = None,
 ) -> RunStats:
-    """Bring the index at ``index_dir`` up to date with the photos below ``root``."""
-    from tqdm import tqdm
+    """Bring the index at ``index_dir`` up to date with the photos below ``root``.
+
+    ``pool`` may be a decode pool from start_pool(), started early (before the model
+    loads) so the workers' start-up is hidden; it is shut down here either way.
+    """
 
     t0 = time.perf_counter()
     stats = RunStats()
     root = str(Path(root).expanduser().absolute())
+    if pool is None:
+        pool = start_pool(config.workers)
+    try:
+        return _index(root, index_dir, embedder, config, pool, stats, t0, on_commit)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit) -> RunStats:
+    from tqdm import tqdm
+
     manifest = Manifest.for_embedder(embedder, global_kind=config.global_kind, patch_kind=config.patch_kind)
     with Writer(index_dir, manifest) as writer:
         if writer.manifest is not manifest:
@@ -163,11 +187,11 @@ def index_folder(
                 on_commit(stats)
 
         bar = tqdm(total=len(todo), unit="photo", disable=not config.progress or not todo, desc="indexing", smoothing=0.1)
-        results = _decoded_in_order(todo, job, config.workers, window)
+        results = _decoded_in_order(todo, job, pool, window)
         while True:
             t = time.perf_counter()
             d = next(results, None)
-            stats.stage_seconds["decode_wait"] += time.perf_counter() - t
+            stats.stage_seconds["decode_wait" if bar.n else "first_photo"] += time.perf_counter() - t
             if d is None:
                 break
             k = known.get(d.path)

@@ -390,7 +390,9 @@ class Writer:
         if self.global_index is None:
             self.global_index = make_index(m.global_kind, m.dim, cls)
             self.patch_index = make_index(m.patch_kind, m.dim, flat)
-        self._remove_vectors(ids.tolist())
+        q = ",".join("?" * b)
+        replaced = [i for (i,) in self.db.execute(f"SELECT id FROM photos WHERE status='indexed' AND id IN ({q})", ids.tolist())]
+        self._remove_vectors(replaced)  # only changed photos: a removal scans the whole index
         self.global_index.add_with_ids(np.ascontiguousarray(cls, dtype=np.float32), ids)
         self.patch_index.add_with_ids(flat, self._patch_ids(ids))
         for r in rows:

@@ -28,4 +28,18 @@ def save_random_model(out: str | Path, arch: str = "tiny", *, registers: int = 0
         model = Dinov2Model(Dinov2Config(**kw))
     out = Path(out)
     model.save_pretrained(out)
+    _save_dinov2_processor(out)
     return out
+
+
+def _save_dinov2_processor(out: Path) -> None:
+    """The image processor facebook/dinov2-* ship with (resize 256, centre crop 224, ImageNet mean/std)."""
+    import json
+
+    cfg = {
+        "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 256},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=1))
