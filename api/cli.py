@@ -21,6 +21,10 @@ EPILOG = """examples:
   dinosearch index ~/Photos --index ~/photos.idx
   dinosearch index ~/Photos --index ~/photos.idx --model ./dinov2-small-dir
   dinosearch search ~/photos.idx query.jpg -k 10
+  dinosearch search ~/photos.idx query.jpg --box 120,40,380,300 -k 10 --draw out/
+  dinosearch parts ~/photos.idx query.jpg --k 5 --out parts.png
+  dinosearch parts ~/photos.idx --collection --k 64 --out parts/
+  dinosearch search ~/photos.idx query.jpg --part 2 -k 10
   dinosearch info ~/photos.idx
 """
 
@@ -79,24 +83,120 @@ def _index(args: argparse.Namespace, pool) -> int:
     return 0
 
 
-def cmd_search(args: argparse.Namespace) -> int:
+def _engine(args: argparse.Namespace):
     from search import Engine, EngineConfig
 
-    engine = Engine(args.index, EngineConfig(model=args.model, device=args.device, precision=args.precision))
-    query: str | int = args.query
+    return Engine(args.index, EngineConfig(model=args.model, device=args.device, precision=args.precision))
+
+
+def _query(args: argparse.Namespace) -> str | int:
     if args.id:
         try:
-            query = int(args.query)
+            return int(args.query)
         except ValueError:
             raise DinosearchError(f"--id expects a photo id (a number), got {args.query!r}") from None
-    elif not Path(args.query).is_file():
+    if not Path(args.query).is_file():
         raise DinosearchError(f"query photo not found: {args.query}")
-    hits = engine.similar(query, args.k)
+    return args.query
+
+
+def _box(text: str) -> tuple[float, float, float, float]:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected x0,y0,x1,y1 in pixels of the query photo, got {text!r}") from None
+    return x0, y0, x1, y1
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    engine = _engine(args)
+    query = _query(args)
+    region = args.box is not None or args.mask is not None or args.part is not None
+    if sum(x is not None for x in (args.box, args.mask, args.part)) > 1:
+        raise DinosearchError("give one of --box, --mask, --part")
+    if not region:
+        hits = engine.similar(query, args.k)
+    else:
+        mask = None
+        if args.mask is not None:
+            from search.draw import load_photo
+
+            mask = np.asarray(load_photo(args.mask).convert("L"))
+        elif args.part is not None:
+            parts = engine.parts(query, args.parts_k)
+            if not 0 <= args.part < args.parts_k:
+                raise DinosearchError(f"--part must be between 0 and {args.parts_k - 1} (the photo has --parts-k {args.parts_k} parts)")
+            mask = parts.labels == args.part
+        hits = engine.region(query, args.k, box=args.box, mask=mask)
     if args.json:
-        print(json.dumps([{"id": h.photo_id, "path": h.path, "score": round(h.score, 6)} for h in hits], indent=1))
+        rows = [{"id": h.photo_id, "path": h.path, "score": round(h.score, 6)} | ({"box": list(h.box)} if h.box else {}) for h in hits]
+        print(json.dumps(rows, indent=1))
     else:
         for rank, h in enumerate(hits, 1):
-            print(f"{rank:3d}  {h.score:.4f}  {h.path}")
+            where = f"  box {','.join(map(str, h.box))}" if h.box else ""
+            print(f"{rank:3d}  {h.score:.4f}  {h.path}{where}")
+    if args.draw and hits:
+        from search.draw import draw_box, heat_overlay, load_photo
+
+        out = Path(args.draw)
+        out.mkdir(parents=True, exist_ok=True)
+        for rank, h in enumerate(hits, 1):
+            img = load_photo(h.path)
+            if h.heat is not None:
+                img = draw_box(heat_overlay(img, h.heat), h.box)
+            img.save(out / f"{rank:03d}_{Path(h.path).stem}.jpg", quality=90)
+        print(f"drew {len(hits)} results in {out}")
+    return 0
+
+
+def cmd_parts(args: argparse.Namespace) -> int:
+    from search.draw import load_photo, parts_overlay
+
+    engine = _engine(args)
+    if args.collection:
+        if args.query is not None:
+            raise DinosearchError("--collection takes no query photo")
+        parts = engine.collection_parts(args.k, sample=args.sample)
+        out = Path(args.out) if args.out else None
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for cp in parts:
+            files = []
+            for j, ph in enumerate(cp.photos):
+                if out:
+                    name = f"part{cp.part:03d}_{j}.jpg"
+                    load_photo(ph.path).crop(ph.box).save(out / name, quality=90)
+                    files.append(name)
+            rows.append({"part": cp.part, "patches": cp.size, "photos": [
+                {"id": ph.photo_id, "path": ph.path, "patches": ph.patches, "box": list(ph.box)} | ({"crop": files[j]} if out else {})
+                for j, ph in enumerate(cp.photos)]})
+        if out:
+            (out / "parts.json").write_text(json.dumps(rows, indent=1))
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            for r in rows:
+                best = r["photos"][0] if r["photos"] else None
+                print(f"part {r['part']:3d}  {r['patches']:6d} patches  most in {best['path'] if best else '-'} ({best['patches'] if best else 0})")
+            if out:
+                print(f"exemplar crops and parts.json in {out}")
+        return 0
+    if args.query is None:
+        raise DinosearchError("give a query photo, or --collection")
+    query = _query(args)
+    parts = engine.parts(query, args.k)
+    if args.json:
+        print(json.dumps({"size": list(parts.size), "labels": parts.labels.tolist()}))
+    else:
+        for row in parts.labels:
+            print(" ".join(f"{v:x}" if v < 16 else "+" for v in row))
+    if args.out:
+        path = engine.path_of([query])[query] if isinstance(query, int) else query
+        parts_overlay(load_photo(path), parts.labels).save(args.out)
+        print(f"overlay written to {args.out}")
     return 0
 
 
@@ -168,14 +268,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_index)
 
-    q = sub.add_parser("search", help="photos like a query photo", description="Rank indexed photos by similarity to a query photo.")
+    q = sub.add_parser("search", help="photos like a query photo, or containing a region of it",
+                       description="Rank indexed photos by similarity to a query photo (global), or by how well they "
+                                   "contain a region of it (--box, --mask, --part), with where the match is.")
     q.add_argument("index", help="index directory")
     q.add_argument("query", help="query photo (path), or a photo id with --id")
     q.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     q.add_argument("--id", action="store_true", help="QUERY is the id of an indexed photo")
+    q.add_argument("--box", type=_box, default=None, metavar="X0,Y0,X1,Y1", help="region search: a box in the query photo's pixels")
+    q.add_argument("--mask", default=None, metavar="IMAGE", help="region search: a mask image the size of the query photo (white = region)")
+    q.add_argument("--part", type=int, default=None, help="region search: part N of the query photo (see `dinosearch parts`)")
+    q.add_argument("--parts-k", type=int, default=5, help="how many parts --part splits the photo into (default 5)")
+    q.add_argument("--draw", default=None, metavar="DIR", help="save each result with its heat map and match box in DIR")
     q.add_argument("--json", action="store_true", help="print results as JSON")
     model_flags(q, "default: the model that built the index")
     q.set_defaults(func=cmd_search)
+
+    q = sub.add_parser("parts", help="k-means parts of a photo, or recurring parts of the collection",
+                       description="Cluster patch features: one photo's parts (a label per patch, drawn with --out), or "
+                                   "with --collection the collection's recurring parts, each with the photos where it covers most.")
+    q.add_argument("index", help="index directory")
+    q.add_argument("query", nargs="?", default=None, help="photo (path), or a photo id with --id")
+    q.add_argument("--id", action="store_true", help="QUERY is the id of an indexed photo")
+    q.add_argument("--k", type=int, default=5, help="number of parts (default 5)")
+    q.add_argument("--collection", action="store_true", help="parts of the whole collection (a sample of its patches)")
+    q.add_argument("--sample", type=int, default=200_000, help="patches sampled for --collection (default 200000)")
+    q.add_argument("--out", default=None, help="photo: overlay PNG to write; --collection: folder for exemplar crops + parts.json")
+    q.add_argument("--json", action="store_true", help="print as JSON")
+    model_flags(q, "default: the model that built the index")
+    q.set_defaults(func=cmd_parts)
 
     q = sub.add_parser("info", help="what an index holds", description="Model, counts, sizes, index kinds and failed files of an index.")
     q.add_argument("index", help="index directory")

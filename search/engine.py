@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -19,7 +19,8 @@ import numpy as np
 from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import DinosearchError
 from indexer.reader import DEFAULT_MAX_PIXELS, load_query
-from indexer.store import Snapshot, current_snapshot
+from indexer.store import Snapshot, current_snapshot, index_ids
+from search.region import BadRegion, box_to_mask, late_interaction, localize, pixel_mask_to_grid
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,33 @@ class Hit:
 
     photo_id: int
     path: str
-    score: float  # cosine similarity to the query
+    score: float  # cosine similarity to the query (region: mean over query patches of their best match)
+    box: tuple[int, int, int, int] | None = None  # region results: where the match is, in the photo's pixels
+    heat: np.ndarray | None = field(default=None, repr=False, compare=False)  # [grid, grid] best match per cell
+
+
+@dataclass(frozen=True)
+class Parts:
+    """k-means parts of one photo: a label per patch."""
+
+    labels: np.ndarray  # int [grid, grid]
+    centers: np.ndarray  # [k, D], L2-normalized
+    size: tuple[int, int]  # the photo's (width, height)
+
+
+@dataclass(frozen=True)
+class PartPhoto:
+    photo_id: int
+    path: str
+    patches: int  # how many of the photo's patches belong to the part
+    box: tuple[int, int, int, int]  # where, in the photo's pixels
+
+
+@dataclass(frozen=True)
+class CollectionPart:
+    part: int
+    size: int  # patches assigned to it in the sample
+    photos: list[PartPhoto]  # where it covers most patches, best first
 
 
 @dataclass(frozen=True)
@@ -59,6 +86,7 @@ class Engine:
         self._load(Snapshot.open(self.root))
 
     def _load(self, snap: Snapshot) -> None:
+        self._patch_index = None
         self.snapshot = snap
         self.manifest = snap.manifest
         self.db = snap.catalog()
@@ -93,6 +121,18 @@ class Engine:
             self._embedder = e
         return self._embedder
 
+    @property
+    def patch_index(self) -> faiss.Index:
+        """The patch index, loaded on first use (global-only users never pay for it)."""
+        if self._patch_index is None:
+            idx = self.snapshot.patch_index()
+            ivf = faiss.try_extract_index_ivf(idx)
+            if ivf is not None:
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+                ivf.nprobe = min(ivf.nlist, 32)
+            self._patch_index = idx
+        return self._patch_index
+
     # -- catalog
 
     def __len__(self) -> int:
@@ -104,6 +144,25 @@ class Engine:
         q = ",".join("?" * len(photo_ids))
         rows = self.db.execute(f"SELECT id, path FROM photos WHERE id IN ({q})", [int(i) for i in photo_ids])
         return {i: os.fsdecode(p) for i, p in rows}
+
+    def photo_size(self, photo_ids: list[int]) -> dict[int, tuple[int, int]]:
+        if not photo_ids:
+            return {}
+        q = ",".join("?" * len(photo_ids))
+        rows = self.db.execute(f"SELECT id, width, height FROM photos WHERE id IN ({q})", [int(i) for i in photo_ids])
+        return {i: (w, h) for i, w, h in rows}
+
+    def photo_patches(self, photo_ids: list[int] | np.ndarray) -> np.ndarray:
+        """Stored patch vectors of photos: [n, grid*grid, D] (decoded from the patch index)."""
+        g2 = self.manifest.grid**2
+        pid = np.asarray(photo_ids, np.int64)
+        ids = (pid[:, None] * g2 + np.arange(g2)[None, :]).ravel()
+        try:
+            with self._lock:
+                xb = self.patch_index.reconstruct_batch(ids)
+        except RuntimeError:
+            raise UnknownPhoto(f"photo ids {sorted(set(pid.tolist()))[:5]} are not all in the index") from None
+        return xb.reshape(len(pid), g2, self.manifest.dim)
 
     def photo_vector(self, photo_id: int) -> np.ndarray:
         try:
@@ -119,6 +178,132 @@ class Engine:
             return self.photo_vector(int(query))
         pixels, _ = load_query(query, self.manifest.resolution, self.config.max_pixels)
         return self.embedder.embed(pixels[None]).cls[0]
+
+    def query_patches(self, query: Query) -> tuple[np.ndarray, tuple[int, int]]:
+        """Patch grid [grid, grid, D] of a query photo (path, bytes or indexed id) and its (width, height)."""
+        g = self.manifest.grid
+        if isinstance(query, (int, np.integer)):
+            size = self.photo_size([int(query)]).get(int(query))
+            if size is None:
+                raise UnknownPhoto(f"photo id {query} is not in the index")
+            return self.photo_patches([int(query)])[0].reshape(g, g, -1), size
+        pixels, size = load_query(query, self.manifest.resolution, self.config.max_pixels)
+        return self.embedder.embed(pixels[None]).patches[0], size
+
+    def region(
+        self, query: Query, k: int = 10, *, box: tuple[float, float, float, float] | None = None,
+        mask: np.ndarray | None = None, allowed: set[int] | None = None, candidates: int | None = None,
+        patch_k: int = 64,
+    ) -> list[Hit]:
+        """Photos that contain a region of the query photo, each with where it matched.
+
+        The region is ``box`` (x0, y0, x1, y1 in the query photo's pixels), or ``mask``
+        (bool [grid, grid] over its patch grid, or an image mask the photo's size), or the
+        whole photo. Every query patch searches the patch index; photos found are
+        re-ranked by exact late interaction over all their stored patches.
+        """
+        grid = self.manifest.grid
+        patches, size = self.query_patches(query)
+        if box is not None and mask is not None:
+            raise BadRegion("give a box or a mask, not both")
+        if box is not None:
+            qmask = box_to_mask(box, size, grid)
+        elif mask is not None:
+            m = np.asarray(mask)
+            qmask = m.astype(bool) if m.shape == (grid, grid) else pixel_mask_to_grid(m, grid)
+        else:
+            qmask = np.ones((grid, grid), bool)
+        xq = np.ascontiguousarray(patches[qmask], dtype=np.float32)
+        n = len(self)
+        if k <= 0 or n == 0:
+            return []
+        n_cand = min(n, candidates or max(3 * k, 32))
+        if allowed is not None and len(allowed) <= n_cand:
+            cand = np.array(sorted(allowed), np.int64)  # few enough to score them all exactly
+        elif n_cand >= n:
+            cand = np.array([i for (i,) in self.db.execute("SELECT id FROM photos WHERE status='indexed' ORDER BY id")], np.int64)
+        else:
+            with self._lock:
+                D, I = self.patch_index.search(xq, min(patch_k, self.patch_index.ntotal))
+            photo = I // (grid * grid)
+            approx: dict[int, float] = {}
+            for row_d, row_p in zip(D, photo):  # per query patch: best score per photo
+                best: dict[int, float] = {}
+                for d, p in zip(row_d, row_p):
+                    if p >= 0 and (allowed is None or int(p) in allowed) and d > best.get(int(p), -2.0):
+                        best[int(p)] = float(d)
+                for p, d in best.items():
+                    approx[p] = approx.get(p, 0.0) + d
+            cand = np.array(sorted(approx, key=lambda p: -approx[p])[:n_cand], np.int64)
+        if len(cand) == 0:
+            return []
+        xp = self.photo_patches(cand)
+        scored = [(late_interaction(xq, xp[j]), int(p)) for j, p in enumerate(cand)]
+        scored.sort(key=lambda t: (-t[0][0], t[1]))
+        top = scored[:k]
+        ids = [p for _, p in top]
+        paths, sizes = self.path_of(ids), self.photo_size(ids)
+        hits = []
+        qcells = np.flatnonzero(qmask)
+        for (score, sim), p in top:
+            box_p, heat = localize(sim, grid, sizes.get(p, (self.manifest.resolution,) * 2), qcells)
+            hits.append(Hit(p, paths.get(p, "?"), score, box_p, heat))
+        return hits
+
+    def parts(self, query: Query, k: int = 5, *, seed: int = 0) -> Parts:
+        """k-means over one photo's patch features: a part label per patch."""
+        from sklearn.cluster import KMeans
+
+        patches, size = self.query_patches(query)
+        g, d = patches.shape[0], patches.shape[-1]
+        x = patches.reshape(-1, d).astype(np.float32)
+        k = max(1, min(k, len(x)))
+        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(x)
+        centers = km.cluster_centers_.astype(np.float32)
+        faiss.normalize_L2(centers)
+        return Parts(km.labels_.reshape(g, g).astype(np.int32), centers, size)
+
+    def collection_parts(self, k: int = 64, *, sample: int = 200_000, per_part: int = 5, seed: int = 0) -> list[CollectionPart]:
+        """Recurring parts of the collection: mini-batch k-means over a sample of stored patches."""
+        from sklearn.cluster import MiniBatchKMeans
+
+        g2 = self.manifest.grid**2
+        with self._lock:
+            ids = np.sort(index_ids(self.patch_index))
+        if len(ids) == 0:
+            return []
+        rng = np.random.default_rng(seed)
+        if len(ids) > sample:
+            ids = np.sort(rng.choice(ids, sample, replace=False))
+        with self._lock:
+            x = self.patch_index.reconstruct_batch(ids)
+        k = max(1, min(k, len(x)))
+        km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=3).fit(x)
+        labels = km.labels_
+        photos, cells = ids // g2, ids % g2
+        uniq, pidx = np.unique(photos, return_inverse=True)
+        counts = np.zeros((k, len(uniq)), np.int64)
+        np.add.at(counts, (labels, pidx), 1)
+        top = np.argsort(-counts, axis=1, kind="stable")[:, :per_part]
+        want = sorted({int(uniq[j]) for j in top.ravel()})
+        paths, sizes = self.path_of(want), self.photo_size(want)
+        grid = self.manifest.grid
+        out = []
+        for part in range(k):
+            members = []
+            for j in top[part]:
+                if counts[part, j] == 0:
+                    break
+                p = int(uniq[j])
+                sel = cells[(pidx == j) & (labels == part)]
+                rows, cols = sel // grid, sel % grid
+                w, h = sizes.get(p, (self.manifest.resolution,) * 2)
+                box = (int(cols.min() * w / grid), int(rows.min() * h / grid),
+                       int(np.ceil((cols.max() + 1) * w / grid)), int(np.ceil((rows.max() + 1) * h / grid)))
+                members.append(PartPhoto(p, paths.get(p, "?"), int(counts[part, j]), box))
+            out.append(CollectionPart(part, int((labels == part).sum()), members))
+        out.sort(key=lambda c: -c.size)
+        return out
 
     def similar(self, query: Query, k: int = 10, *, allowed: set[int] | None = None) -> list[Hit]:
         """Photos most like the query (cosine on CLS), best first; ``allowed`` restricts the candidates."""
