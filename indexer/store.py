@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -132,19 +133,26 @@ class Manifest:
 # ---------------------------------------------------------------- index kinds
 
 GLOBAL_FLAT_MAX = 200_000  # exact search below this many photos
-PATCH_SQ8_MAX = 600_000  # 8-bit scalar quantized flat below this many patch vectors
+PATCH_SQ8_MAX = 65_536  # 8-bit scalar quantized, scanned whole, below this many patch vectors (~256 photos)
+PATCH_IVF_SQ8_MAX = 600_000  # then IVF over SQ8 codes; above, IVF over PQ codes (56 bytes a patch at d=384)
 
 
 def choose_kind(n: int, dim: int, *, patches: bool) -> str:
-    """FAISS factory string for n vectors: exact/SQ8 while small, IVF above."""
-    nlist = 1 << max(4, round(math.log2(4 * math.sqrt(max(n, 1)))))
+    """FAISS factory string for n vectors: exact/SQ8 while small, IVF above (nlist ~ sqrt(n), a power of 2)."""
+    nlist = 1 << max(4, round(math.log2(math.sqrt(max(n, 1)))))
     if patches:
         if n <= PATCH_SQ8_MAX:
             return "SQ8"
+        if n <= PATCH_IVF_SQ8_MAX:
+            return f"IVF{nlist},SQ8"
         return f"IVF{nlist},PQ{dim // 8}"
     if n <= GLOBAL_FLAT_MAX:
         return "Flat"
     return f"IVF{nlist},Flat"
+
+
+def _family(kind: str) -> str:
+    return re.sub(r"IVF\d+", "IVF", kind)
 
 
 def make_index(kind: str, dim: int, train: np.ndarray | None) -> faiss.Index:
@@ -159,6 +167,10 @@ def make_index(kind: str, dim: int, train: np.ndarray | None) -> faiss.Index:
     if not inner.is_trained:
         if train is None or len(train) == 0:
             raise ConfigError(f"index kind {kind!r} needs training vectors")
+        ivf = faiss.try_extract_index_ivf(inner)
+        if ivf is not None and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+            # faiss-gpu: train the coarse k-means on the GPUs; the index itself stays a CPU index on disk
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
         inner.train(np.ascontiguousarray(train, dtype=np.float32))
     if isinstance(inner, faiss.IndexIVF):
         inner.nprobe = min(inner.nlist, 32)
@@ -387,7 +399,9 @@ class Writer:
         assert cls.shape == (b, m.dim) and patches.shape == (b, m.grid, m.grid, m.dim), (cls.shape, patches.shape)
         ids = np.array([r[0] for r in rows], np.int64)
         flat = np.ascontiguousarray(patches.reshape(-1, m.dim), dtype=np.float32)
-        if self.global_index is None:
+        if self.global_index is None:  # IVF kinds are trained at commit, on everything added by then
+            m.global_kind = "Flat" if m.global_kind.startswith("IVF") else m.global_kind
+            m.patch_kind = "SQ8" if m.patch_kind.startswith("IVF") else m.patch_kind
             self.global_index = make_index(m.global_kind, m.dim, cls)
             self.patch_index = make_index(m.patch_kind, m.dim, flat)
         q = ",".join("?" * b)
@@ -399,15 +413,15 @@ class Writer:
             self._upsert(*r, "indexed", None)
 
     def _refit_kinds(self) -> None:
-        """Rebuild an index whose size has outgrown its kind (unless the kind was forced)."""
+        """Rebuild an index whose size has outgrown its kind, or that is not yet of its forced kind."""
         m = self.manifest
         for attr, patches, forced in (("global_index", False, m.kinds_forced[0]), ("patch_index", True, m.kinds_forced[1])):
             index = getattr(self, attr)
-            if index is None or forced:
+            if index is None or index.ntotal == 0:
                 continue
-            kind = choose_kind(index.ntotal, m.dim, patches=patches)
+            kind = forced or choose_kind(index.ntotal, m.dim, patches=patches)
             current = m.patch_kind if patches else m.global_kind
-            if kind == current or current.startswith("IVF"):  # IVF kinds are kept once trained
+            if kind == current or (not forced and _family(kind) == _family(current)):  # a trained IVF keeps its nlist
                 continue
             log.info("rebuilding %s: %d vectors, %s -> %s", attr, index.ntotal, current, kind)
             ids, xb = reconstruct_all(index)

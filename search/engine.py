@@ -214,6 +214,16 @@ class Engine:
         else:
             qmask = np.ones((grid, grid), bool)
         xq = np.ascontiguousarray(patches[qmask], dtype=np.float32)
+        return self.region_by_vectors(xq, k, qcells=np.flatnonzero(qmask), allowed=allowed, candidates=candidates, patch_k=patch_k)
+
+    def region_by_vectors(
+        self, xq: np.ndarray, k: int = 10, *, qcells: np.ndarray | None = None, allowed: set[int] | None = None,
+        candidates: int | None = None, patch_k: int = 64,
+    ) -> list[Hit]:
+        """Region search for query patch vectors xq [m, D] (L2-normalized); ``qcells`` their cells in the query grid."""
+        grid = self.manifest.grid
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        assert xq.ndim == 2 and xq.shape[1] == self.manifest.dim, f"expected [m, {self.manifest.dim}] query patches, got {xq.shape}"
         n = len(self)
         if k <= 0 or n == 0:
             return []
@@ -225,16 +235,18 @@ class Engine:
         else:
             with self._lock:
                 D, I = self.patch_index.search(xq, min(patch_k, self.patch_index.ntotal))
-            photo = I // (grid * grid)
-            approx: dict[int, float] = {}
-            for row_d, row_p in zip(D, photo):  # per query patch: best score per photo
-                best: dict[int, float] = {}
-                for d, p in zip(row_d, row_p):
-                    if p >= 0 and (allowed is None or int(p) in allowed) and d > best.get(int(p), -2.0):
-                        best[int(p)] = float(d)
-                for p, d in best.items():
-                    approx[p] = approx.get(p, 0.0) + d
-            cand = np.array(sorted(approx, key=lambda p: -approx[p])[:n_cand], np.int64)
+            valid = (I >= 0).ravel()
+            qrow = np.repeat(np.arange(len(xq)), I.shape[1])[valid]
+            photo, d = (I.ravel() // (grid * grid))[valid], D.ravel()[valid]
+            if allowed is not None:
+                ok = np.isin(photo, np.fromiter(allowed, np.int64))
+                qrow, photo, d = qrow[ok], photo[ok], d[ok]
+            order = np.argsort(-d, kind="stable")  # keep, per (query patch, photo), the best match
+            qrow, photo, d = qrow[order], photo[order], d[order]
+            _, first = np.unique(qrow * (int(photo.max(initial=0)) + 1) + photo, return_index=True)
+            uphoto, inv = np.unique(photo[first], return_inverse=True)
+            approx = np.bincount(inv, weights=d[first])  # sum over query patches of their best match
+            cand = uphoto[np.lexsort((uphoto, -approx))][:n_cand].astype(np.int64)
         if len(cand) == 0:
             return []
         xp = self.photo_patches(cand)
@@ -244,7 +256,6 @@ class Engine:
         ids = [p for _, p in top]
         paths, sizes = self.path_of(ids), self.photo_size(ids)
         hits = []
-        qcells = np.flatnonzero(qmask)
         for (score, sim), p in top:
             box_p, heat = localize(sim, grid, sizes.get(p, (self.manifest.resolution,) * 2), qcells)
             hits.append(Hit(p, paths.get(p, "?"), score, box_p, heat))

@@ -200,3 +200,45 @@ def test_catalog_is_plain_sqlite(photos, embedder, tmp_path):
     db = sqlite3.connect(snap.path / "catalog.sqlite")
     (n, w) = db.execute("SELECT count(*), min(width) FROM photos WHERE status='indexed'").fetchone()
     assert n == 48 and w > 0
+
+
+def test_index_kinds_follow_the_collection_size(photos, embedder, tmp_path, monkeypatch):
+    """Crossing a size threshold rebuilds the index as the next kind, trained on everything so far."""
+    import indexer.store as store
+
+    monkeypatch.setattr(store, "PATCH_SQ8_MAX", 16 * 256)
+    monkeypatch.setattr(store, "PATCH_IVF_SQ8_MAX", 32 * 256)
+    monkeypatch.setattr(store, "GLOBAL_FLAT_MAX", 30)
+    idx = tmp_path / "idx"
+    files = sorted(photos.rglob("*.jpg"))
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for f in files[12:]:
+        f.rename(hidden / f.name)
+    index_folder(photos, idx, embedder, CFG)  # 12 photos
+    assert Snapshot.open(idx).manifest.patch_kind == "SQ8"
+    for f in list(hidden.iterdir())[:12]:
+        f.rename(photos / f.name)
+    index_folder(photos, idx, embedder, CFG)  # 24 photos
+    assert Snapshot.open(idx).manifest.patch_kind.endswith(",SQ8")
+    for f in hidden.iterdir():
+        f.rename(photos / f.name)
+    index_folder(photos, idx, embedder, CFG)  # 48 photos
+    m = Snapshot.open(idx).manifest
+    assert m.patch_kind.startswith("IVF") and m.patch_kind.endswith(",PQ4") and m.global_kind.startswith("IVF")
+    assert_consistent_ivf(idx, 48)
+    engine = Engine(idx, embedder=embedder)
+    q = sorted(photos.rglob("*.jpg"))[20]
+    assert engine.similar(str(q), k=1)[0].path == str(q)
+    w, h = Image.open(q).size
+    hits = engine.region(str(q), k=3, box=(w / 4, h / 4, 3 * w / 4, 3 * h / 4))  # PQ4 codes (d=32): 4 bytes a patch
+    assert str(q) in [hit.path for hit in hits]
+
+
+def assert_consistent_ivf(idx, n: int) -> None:
+    from indexer.store import index_ids
+
+    snap = Snapshot.open(idx)
+    g, p = index_ids(snap.global_index()), index_ids(snap.patch_index())
+    assert len(g) == len(set(g.tolist())) == n
+    assert len(p) == len(set(p.tolist())) == n * 256 and set((p // 256).tolist()) == set(g.tolist())
