@@ -159,6 +159,14 @@ def cmd_parts(args: argparse.Namespace) -> int:
         if args.query is not None:
             raise DinosearchError("--collection takes no query photo")
         parts = engine.collection_parts(args.k, sample=args.sample)
+        if args.search is not None:  # one recurring part as a region query
+            chosen = [cp for cp in parts if cp.part == args.search]
+            if not chosen:
+                raise DinosearchError(f"--search must be a part number between 0 and {len(parts) - 1}")
+            hits = engine.region_by_vectors(chosen[0].center[None], args.top)
+            for rank, h in enumerate(hits, 1):
+                print(f"{rank:3d}  {h.score:.4f}  {h.path}  box {','.join(map(str, h.box))}")
+            return 0
         out = Path(args.out) if args.out else None
         if out:
             out.mkdir(parents=True, exist_ok=True)
@@ -293,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=int, default=5, help="number of parts (default 5)")
     q.add_argument("--collection", action="store_true", help="parts of the whole collection (a sample of its patches)")
     q.add_argument("--sample", type=int, default=200_000, help="patches sampled for --collection (default 200000)")
+    q.add_argument("--search", type=int, default=None, metavar="PART", help="with --collection: photos containing part PART, ranked")
+    q.add_argument("--top", type=int, default=10, help="results for --search (default 10)")
     q.add_argument("--out", default=None, help="photo: overlay PNG to write; --collection: folder for exemplar crops + parts.json")
     q.add_argument("--json", action="store_true", help="print as JSON")
     model_flags(q, "default: the model that built the index")

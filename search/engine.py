@@ -62,6 +62,7 @@ class CollectionPart:
     part: int
     size: int  # patches assigned to it in the sample
     photos: list[PartPhoto]  # where it covers most patches, best first
+    center: np.ndarray = field(repr=False, compare=False, default=None)  # [D], L2-normalized: a region query by itself
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,8 @@ class Engine:
         k = max(1, min(k, len(x)))
         km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=3).fit(x)
         labels = km.labels_
+        centers = km.cluster_centers_.astype(np.float32)
+        faiss.normalize_L2(centers)
         photos, cells = ids // g2, ids % g2
         uniq, pidx = np.unique(photos, return_inverse=True)
         counts = np.zeros((k, len(uniq)), np.int64)
@@ -312,7 +315,7 @@ class Engine:
                 box = (int(cols.min() * w / grid), int(rows.min() * h / grid),
                        int(np.ceil((cols.max() + 1) * w / grid)), int(np.ceil((rows.max() + 1) * h / grid)))
                 members.append(PartPhoto(p, paths.get(p, "?"), int(counts[part, j]), box))
-            out.append(CollectionPart(part, int((labels == part).sum()), members))
+            out.append(CollectionPart(part, int((labels == part).sum()), members, centers[part]))
         out.sort(key=lambda c: -c.size)
         return out
 

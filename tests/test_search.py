@@ -150,3 +150,14 @@ def test_collection_parts(composite_index):
         assert counts == sorted(counts, reverse=True) and 1 <= len(counts) <= 3
         x0, y0, x1, y1 = p.photos[0].box
         assert 0 <= x0 < x1 and 0 <= y0 < y1
+
+
+def test_collection_part_is_a_region_query(composite_index):
+    engine, _, _ = composite_index
+    ids = np.array(sorted(engine.path_of(list(range(1, 100)))))
+    xp = engine.photo_patches(ids)
+    for p in engine.collection_parts(k=6, per_part=3)[:3]:
+        hits = engine.region_by_vectors(p.center[None], 3, candidates=len(engine))
+        exact = (xp @ p.center).max(1)  # best patch of each photo against the part's centre
+        assert [h.photo_id for h in hits] == ids[np.argsort(-exact, kind="stable")[:3]].tolist()
+        assert hits[0].score == pytest.approx(exact.max(), abs=1e-5)
