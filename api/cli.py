@@ -86,7 +86,7 @@ def _index(args: argparse.Namespace, pool) -> int:
 def _engine(args: argparse.Namespace):
     from search import Engine, EngineConfig
 
-    return Engine(args.index, EngineConfig(model=args.model, device=args.device, precision=args.precision))
+    return Engine(args.index, EngineConfig(model=args.model, device=args.device, precision=args.precision, nprobe=args.nprobe))
 
 
 def _query(args: argparse.Namespace) -> str | int:
@@ -290,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--draw", default=None, metavar="DIR", help="save each result with its heat map and match box in DIR")
     q.add_argument("--json", action="store_true", help="print results as JSON")
     model_flags(q, "default: the model that built the index")
+    q.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query, for IVF index kinds (default 32)")
     q.set_defaults(func=cmd_search)
 
     q = sub.add_parser("parts", help="k-means parts of a photo, or recurring parts of the collection",
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="photo: overlay PNG to write; --collection: folder for exemplar crops + parts.json")
     q.add_argument("--json", action="store_true", help="print as JSON")
     model_flags(q, "default: the model that built the index")
+    q.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query, for IVF index kinds (default 32)")
     q.set_defaults(func=cmd_parts)
 
     q = sub.add_parser("info", help="what an index holds", description="Model, counts, sizes, index kinds and failed files of an index.")

@@ -3,9 +3,9 @@
     python scripts/bench_search.py [--global-n 100000 1000000] [--photos 10000]
 
 Data (synthetic, d=384 like dinov2-small, stated so the figures can be read):
-- global: vectors around 4096 random centres, varying along a shared 32-dim
-  subspace plus a little isotropic noise, L2-normalized; 500 held-out queries
-  from the same distribution.
+- global: vectors around 4096 random unit centres, varying (norm ~0.5) along a
+  shared 32-dim subspace plus isotropic noise (norm ~0.2), L2-normalized; 500
+  held-out queries from the same distribution.
 - region: 10k "photos" of 16x16 patches; each photo is a layout of 8 "visual
   words" out of 4096 (a Voronoi split of its grid) plus per-patch noise. A query
   is a 4x4 box of one photo, and that region is also planted, with noise, at a
@@ -38,13 +38,13 @@ D = 384
 
 
 def clustered(n: int, centres: np.ndarray, basis: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Points near the centres, varying along a shared 32-dim subspace plus a little isotropic noise
-    (embeddings of photos live near a low-dimensional manifold, not in isotropic noise)."""
+    """Points near unit-norm centres: a variation of norm ~0.5 along a shared 32-dim subspace plus
+    isotropic noise of norm ~0.2 (embeddings of photos live near a low-dimensional manifold)."""
     out = np.empty((n, centres.shape[1]), np.float32)
     for s in range(0, n, 100_000):
         e = min(n, s + 100_000)
         z = rng.standard_normal((e - s, basis.shape[0]), np.float32)
-        x = centres[rng.integers(0, len(centres), e - s)] + 0.35 * z @ basis
+        x = centres[rng.integers(0, len(centres), e - s)] + float(0.5 / np.sqrt(basis.shape[0])) * z @ basis
         x += rng.standard_normal(x.shape, np.float32) * 0.01
         faiss.normalize_L2(x)
         out[s:e] = x

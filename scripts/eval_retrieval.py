@@ -19,8 +19,8 @@ excluded), then recall@10 of every index kind against exact search on the same v
 from __future__ import annotations
 
 import argparse
-import os
 import csv
+import os
 import re
 import sys
 import time

@@ -71,6 +71,7 @@ class EngineConfig:
     device: str = "auto"
     precision: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    nprobe: int = 32  # IVF lists visited per query (global and patch index); see scripts/bench_search.py
 
 
 Query = str | os.PathLike | bytes | int
@@ -95,7 +96,7 @@ class Engine:
         ivf = faiss.try_extract_index_ivf(self.global_index)
         if ivf is not None:
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct by (any) id for the exact re-rank
-            ivf.nprobe = min(ivf.nlist, 32)
+            ivf.nprobe = min(ivf.nlist, self.config.nprobe)
         if self._embedder is not None:
             self.manifest.check(self._embedder)
 
@@ -130,7 +131,7 @@ class Engine:
             ivf = faiss.try_extract_index_ivf(idx)
             if ivf is not None:
                 ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-                ivf.nprobe = min(ivf.nlist, 32)
+                ivf.nprobe = min(ivf.nlist, self.config.nprobe)
             self._patch_index = idx
         return self._patch_index
 

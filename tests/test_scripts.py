@@ -1,0 +1,30 @@
+"""The evaluation script runs end to end on a labelled folder (its metric code is tested in test_metrics)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from conftest import REPO, sample_photos
+
+
+def test_eval_retrieval_on_labels_layout(tmp_path, tiny_model):
+    ds = tmp_path / "ds"
+    (ds / "images").mkdir(parents=True)
+    lines = ["filename,label"]
+    for p in sample_photos(3)[:18]:
+        shutil.copy(p, ds / "images" / p.name)
+        lines.append(f"{p.name},{p.name.split('__')[0]}")
+    (ds / "labels.csv").write_text("\n".join(lines) + "\n")
+    p = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "eval_retrieval.py"), str(ds), "--model", str(tiny_model), "--index", str(tmp_path / "idx")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "18 queries over 18 photos" in p.stdout.replace("global search, ", "")
+    m = re.search(r"mAP ([\d.]+)\s+recall@1 ([\d.]+)", p.stdout)
+    assert m and 0 < float(m[1]) <= 1
+    assert re.search(r"Flat\s+1\.000", p.stdout)
