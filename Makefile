@@ -7,13 +7,14 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 MODEL   ?= facebook/dinov2-small
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TORCH   ?= torch==2.13.0
 FAISS   ?= cpu
 DEMO_INDEX ?= demo-index
 DEMO_PHOTOS ?= data/caltech101-sample/images
 QUERY   ?= data/caltech101-sample/images/airplanes__image_0001.jpg
 
-.PHONY: setup demo demo-offline test test-slow bench lint clean
+.PHONY: setup demo demo-offline test test-slow bench lint clean browser serve
 
 $(BIN)/dinosearch: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +38,10 @@ demo-offline: setup
 	$(BIN)/python scripts/make_model.py small models/dinov2-small-random
 	$(MAKE) demo MODEL=models/dinov2-small-random DEMO_INDEX=demo-index-random
 
+# Debian's chromium for the browser test (Playwright drives it; nothing is downloaded by Playwright itself)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
 test: setup
 	$(BIN)/python -m pytest -q
 
@@ -46,5 +51,8 @@ test-slow: setup
 lint: setup
 	$(BIN)/ruff check indexer search api scripts tests
 
+serve: setup
+	$(BIN)/dinosearch serve $(DEMO_INDEX)
+
 clean:
-	rm -rf $(VENV) $(DEMO_INDEX) demo-index-random models *.egg-info
+	rm -rf $(VENV) $(DEMO_INDEX) demo-index-random models *.egg-info test-artifacts

@@ -244,6 +244,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("DINOSEARCH_TOKEN"):
+        print(f"dinosearch: warning: serving on {args.host} without DINOSEARCH_TOKEN: write routes are disabled, "
+              "read routes are open to the network", file=sys.stderr)
+    settings = Settings(index=Path(args.index).expanduser(), model=args.model, device=args.device, workers=args.workers,
+                        max_upload_bytes=args.max_upload_mb * 2**20)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from indexer.runner import default_workers
 
@@ -309,6 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(q, "default: the model that built the index")
     q.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query, for IVF index kinds (default 32)")
     q.set_defaults(func=cmd_parts)
+
+    q = sub.add_parser("serve", help="HTTP API and web page over an index",
+                       description="Serve the index over HTTP: the web page at /, the API documented at /docs. "
+                                   "Write routes (add photos, delete) need DINOSEARCH_TOKEN.")
+    q.add_argument("index", help="index directory (may not exist yet: add a folder from the page)")
+    q.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    q.add_argument("--port", type=int, default=8000)
+    q.add_argument("--model", default=None, help="hub id or local model directory (default: the index's)")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--workers", type=int, default=1, help="decode processes of index jobs")
+    q.add_argument("--max-upload-mb", type=int, default=32, help="largest accepted upload (default 32 MiB)")
+    q.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("info", help="what an index holds", description="Model, counts, sizes, index kinds and failed files of an index.")
     q.add_argument("index", help="index directory")

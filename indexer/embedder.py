@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,7 @@ class Embedder:
         self.model.to(self.device)
         if self.device.type == "cpu" and self.precision == "bf16":
             self.model.to(torch.bfloat16)  # bf16 weights: faster than autocast on CPU
+        self._lock = threading.Lock()  # one forward at a time: an index job and queries share the model
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
         self.mean, self.std = tuple(mean), tuple(std)
@@ -237,7 +239,8 @@ class Embedder:
         """uint8 [B, res, res, 3] -> L2-normalized CLS [B, D] and patch grid [B, h, w, D]."""
         if pixels.shape[1:3] != (self.config.resolution, self.config.resolution):
             raise ConfigError(f"expected {self.config.resolution}px photos, got {pixels.shape[1]}x{pixels.shape[2]}")
-        cls, patches = self._forward(pixels)
+        with self._lock:
+            cls, patches = self._forward(pixels)
         return Embeddings(cls=cls, patches=patches)
 
     def fingerprint(self) -> np.ndarray:

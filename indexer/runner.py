@@ -102,6 +102,7 @@ def index_folder(
     *,
     on_commit: Callable[[RunStats], None] | None = None,
     pool: ProcessPoolExecutor | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> RunStats:
     """Bring the index at ``index_dir`` up to date with the photos below ``root``.
 
@@ -115,13 +116,13 @@ def index_folder(
     if pool is None:
         pool = start_pool(config.workers)
     try:
-        return _index(root, index_dir, embedder, config, pool, stats, t0, on_commit)
+        return _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit) -> RunStats:
+def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress) -> RunStats:
     from tqdm import tqdm
 
     manifest = Manifest.for_embedder(embedder, global_kind=config.global_kind, patch_kind=config.patch_kind)
@@ -188,10 +189,11 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit) -> Run
 
         bar = tqdm(total=len(todo), unit="photo", disable=not config.progress or not todo, desc="indexing", smoothing=0.1)
         results = _decoded_in_order(todo, job, pool, window)
+        done = 0
         while True:
             t = time.perf_counter()
             d = next(results, None)
-            stats.stage_seconds["decode_wait" if bar.n else "first_photo"] += time.perf_counter() - t
+            stats.stage_seconds["decode_wait" if done else "first_photo"] += time.perf_counter() - t
             if d is None:
                 break
             k = known.get(d.path)
@@ -210,7 +212,10 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit) -> Run
                 if len(batch_rows) >= config.batch_size:
                     flush()
             since_commit += 1
+            done += 1
             bar.update(1)
+            if on_progress is not None:
+                on_progress(done, len(todo))
             if stats.failed:
                 bar.set_postfix(failed=stats.failed, refresh=False)
             if since_commit >= config.commit_every or time.monotonic() - last_commit >= config.commit_seconds:

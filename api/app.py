@@ -1,0 +1,249 @@
+"""The FastAPI app: routes over search.Engine and the indexer, errors as JSON, a web page.
+
+Run it with `dinosearch serve IDX`. Only indexed photos are ever served: a request
+names a photo by its id, never by a path. (No `from __future__ import annotations`
+here: FastAPI must see the Annotated aliases built inside create_app.)
+"""
+
+
+import hmac
+import io
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Header, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from api import schemas
+from api.service import NotReady, Service
+from api.settings import Settings
+from indexer.errors import DecodeError, DinosearchError, IndexBusy, IndexFormatError, ModelMismatch
+from indexer.reader import open_photo, read_file
+from search import Hit, UnknownPhoto
+from search.region import BadRegion
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+PhotoId = Annotated[int, PathParam(ge=1, le=2**62, description="id of an indexed photo")]
+
+
+def _status(e: DinosearchError) -> int:
+    if isinstance(e, UnknownPhoto):
+        return 404
+    if isinstance(e, BadRegion):
+        return 422
+    if isinstance(e, (ModelMismatch, IndexBusy)):
+        return 409
+    if isinstance(e, DecodeError):
+        return 413 if "too large" in str(e) else 415 if "not an image" in str(e) else 400
+    if isinstance(e, (NotReady, IndexFormatError)):
+        return 503
+    return 400
+
+
+def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI:
+    svc = service or Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        svc.start()  # the model loads here, once, not at import
+        yield
+        svc.stop()
+
+    app = FastAPI(title="dinosearch", version="0.1.0", lifespan=lifespan,
+                  description="Image similarity search on DINOv2 features: whole photos, regions, parts.")
+    app.state.service = svc
+
+    @app.exception_handler(DinosearchError)
+    async def dinosearch_error(request: Request, e: DinosearchError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=_status(e))
+
+    def get_service() -> Service:
+        return svc
+
+    Svc = Annotated[Service, Depends(get_service)]
+
+    def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+        if settings.token is None:
+            raise HTTPException(403, "write routes are disabled: start the server with DINOSEARCH_TOKEN set")
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), settings.token.encode()):
+            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer $DINOSEARCH_TOKEN'")
+
+    Writer = Annotated[None, Depends(require_token)]
+
+    def parse_box(box: str | None) -> tuple[float, float, float, float] | None:
+        if box is None or box == "":
+            return None
+        try:
+            x0, y0, x1, y1 = (float(v) for v in box.split(","))
+        except ValueError:
+            raise BadRegion(f"box must be x0,y0,x1,y1 in pixels of the query photo, got {box!r}") from None
+        return x0, y0, x1, y1
+
+    async def read_upload(request: Request, image: UploadFile) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes + 64 * 1024:
+            raise HTTPException(413, f"upload too large: {int(declared)} bytes, the limit is {settings.max_upload_bytes}")
+        data = await image.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise HTTPException(413, f"upload too large: the limit is {settings.max_upload_bytes} bytes")
+        if not data:
+            raise HTTPException(400, "empty upload: send the photo as the multipart field 'image'")
+        return data
+
+    def results(svc: Service, hits: list[Hit]) -> list[schemas.Result]:
+        sizes = svc.engine.photo_size([h.photo_id for h in hits])
+        return [schemas.Result(
+            id=h.photo_id, path=Path(h.path).name, score=round(h.score, 6),
+            width=sizes.get(h.photo_id, (None, None))[0], height=sizes.get(h.photo_id, (None, None))[1],
+            box=list(h.box) if h.box else None,
+            heat=np.round(h.heat, 4).tolist() if h.heat is not None else None,
+        ) for h in hits]
+
+    def run_search(svc: Service, query, k: int, box: str | None, part: int | None, parts_k: int) -> schemas.SearchResponse:
+        engine = svc.engine
+        b = parse_box(box)
+        if b is not None and part is not None:
+            raise BadRegion("give a box or a part, not both")
+        if part is not None:
+            if not 0 <= part < parts_k:
+                raise BadRegion(f"part must be between 0 and {parts_k - 1}")
+            parts = engine.parts(query, parts_k)
+            hits, size, mode = engine.region(query, k, mask=parts.labels == part), parts.size, "region"
+        elif b is not None:
+            hits = engine.region(query, k, box=b)
+            mode = "region"
+            size = engine.query_patches(query)[1] if isinstance(query, int) else None
+        else:
+            hits, mode, size = engine.similar(query, k), "global", None
+        if size is None:
+            size = engine.photo_size([query])[int(query)] if isinstance(query, int) else open_photo(query, draft_size=64)[1]
+        return schemas.SearchResponse(mode=mode, query_size=list(size), grid=engine.manifest.grid, results=results(svc, hits))
+
+    K = Annotated[int, Query(ge=1, le=settings.max_k, description="number of results")]
+    Box = Annotated[str | None, Query(description="region search: x0,y0,x1,y1 in pixels of the query photo")]
+    Part = Annotated[int | None, Query(ge=0, description="region search: this part of the query photo")]
+    PartsK = Annotated[int, Query(ge=2, le=16, description="how many parts the photo is split into")]
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/stats", response_model=schemas.Stats)
+    def stats(svc: Svc) -> schemas.Stats:
+        """What the index holds."""
+        e = svc.engine
+        counts = dict(e.db.execute("SELECT status, count(*) FROM photos GROUP BY status").fetchall())
+        m = e.manifest
+        return schemas.Stats(snapshot=e.snapshot.path.name, model=m.model, precision=m.precision, resolution=m.resolution,
+                             grid=m.grid, photos_indexed=counts.get("indexed", 0), photos_failed=counts.get("failed", 0),
+                             global_kind=m.global_kind, patch_kind=m.patch_kind)
+
+    @app.post("/search", response_model=schemas.SearchResponse)
+    async def search_upload(request: Request, svc: Svc, image: Annotated[UploadFile, File(description="the query photo")],
+                            k: K = 10, box: Box = None, part: Part = None, parts_k: PartsK = 5) -> schemas.SearchResponse:
+        """Photos like an uploaded photo (global), or containing a region of it (box or part), with where."""
+        data = await read_upload(request, image)
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(run_search, svc, data, k, box, part, parts_k)
+
+    @app.get("/photos/{photo_id}/similar", response_model=schemas.SearchResponse)
+    def search_by_id(photo_id: PhotoId, svc: Svc, k: K = 10, box: Box = None, part: Part = None,
+                     parts_k: PartsK = 5) -> schemas.SearchResponse:
+        """Photos like an indexed photo, or containing a region of it."""
+        return run_search(svc, photo_id, k, box, part, parts_k)
+
+    @app.post("/parts", response_model=schemas.PartsResponse)
+    async def parts_upload(request: Request, svc: Svc, image: Annotated[UploadFile, File()], k: PartsK = 5) -> schemas.PartsResponse:
+        """The parts of an uploaded photo: a k-means label per patch."""
+        data = await read_upload(request, image)
+        from starlette.concurrency import run_in_threadpool
+
+        p = await run_in_threadpool(svc.engine.parts, data, k)
+        return schemas.PartsResponse(k=k, grid=int(p.labels.shape[0]), size=list(p.size), labels=p.labels.tolist())
+
+    @app.get("/photos/{photo_id}/parts", response_model=schemas.PartsResponse)
+    def parts_by_id(photo_id: PhotoId, svc: Svc, k: PartsK = 5) -> schemas.PartsResponse:
+        """The parts of an indexed photo."""
+        p = svc.engine.parts(photo_id, k)
+        return schemas.PartsResponse(k=k, grid=int(p.labels.shape[0]), size=list(p.size), labels=p.labels.tolist())
+
+    @app.get("/parts", response_model=list[schemas.CollectionPartOut])
+    def collection_parts(svc: Svc, k: Annotated[int, Query(ge=2, le=256)] = 16) -> list[schemas.CollectionPartOut]:
+        """Recurring parts of the collection, each with the photos where it covers most patches."""
+        return [schemas.CollectionPartOut(part=c.part, patches=c.size, photos=[
+            schemas.PartPhotoOut(id=p.photo_id, path=Path(p.path).name, patches=p.patches, box=list(p.box)) for p in c.photos])
+            for c in svc.engine.collection_parts(k)]
+
+    def photo_path(svc: Service, photo_id: int) -> str:
+        path = svc.engine.path_of([photo_id]).get(photo_id)
+        if path is None:
+            raise UnknownPhoto(f"photo id {photo_id} is not in the index")
+        return path
+
+    @app.get("/photos/{photo_id}", response_class=FileResponse)
+    def photo(photo_id: PhotoId, svc: Svc) -> FileResponse:
+        """The original file of an indexed photo."""
+        path = photo_path(svc, photo_id)
+        if not Path(path).is_file():
+            raise HTTPException(410, f"photo {photo_id} was indexed but its file is gone; re-index the folder")
+        return FileResponse(path)
+
+    @app.get("/photos/{photo_id}/thumb", response_class=Response)
+    def thumb(photo_id: PhotoId, svc: Svc, size: Annotated[int, Query(ge=32, le=1024)] = 256) -> Response:
+        """A JPEG thumbnail (EXIF orientation applied) of an indexed photo."""
+        path = photo_path(svc, photo_id)
+        try:
+            img, _ = open_photo(read_file(path), draft_size=size)
+        except (OSError, DecodeError) as e:
+            raise HTTPException(410, f"photo {photo_id} cannot be read any more: {e}") from None
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.delete("/photos/{photo_id}", response_model=schemas.Deleted)
+    def delete_photo(photo_id: PhotoId, svc: Svc, _: Writer) -> schemas.Deleted:
+        """Remove a photo from the index (not from the disk)."""
+        if not svc.delete(photo_id):
+            raise UnknownPhoto(f"photo id {photo_id} is not in the index")
+        return schemas.Deleted(id=photo_id, deleted=True)
+
+    @app.post("/index/jobs", response_model=schemas.Job, status_code=202)
+    def add_folder(req: schemas.JobRequest, svc: Svc, _: Writer) -> schemas.Job:
+        """Index (or update) a folder of the server's disk in the background; searches go on meanwhile."""
+        if not Path(req.folder).is_dir():
+            raise HTTPException(422, f"not a folder on the server: {req.folder}")
+        return job_out(svc.submit(req.folder))
+
+    def job_out(j) -> schemas.Job:
+        return schemas.Job(id=j.id, folder=j.folder, state=j.state, done=j.done, total=j.total, indexed=j.indexed,
+                           failed=j.failed, error=j.error)
+
+    @app.get("/index/jobs/{job_id}", response_model=schemas.Job)
+    def job(job_id: Annotated[int, PathParam(ge=1)], svc: Svc) -> schemas.Job:
+        """Progress of an index job."""
+        if job_id not in svc.jobs:
+            raise HTTPException(404, f"no job {job_id}")
+        return job_out(svc.jobs[job_id])
+
+    @app.get("/index/jobs", response_model=list[schemas.Job])
+    def jobs(svc: Svc) -> list[schemas.Job]:
+        """All index jobs of this server process."""
+        return [job_out(j) for j in svc.jobs.values()]
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

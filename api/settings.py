@@ -1,0 +1,23 @@
+"""Server settings, read once from flags and the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    index: Path
+    token: str | None = field(default_factory=lambda: os.environ.get("DINOSEARCH_TOKEN") or None)
+    max_upload_bytes: int = 32 * 2**20
+    max_pixels: int = 150_000_000
+    max_k: int = 1000
+    model: str | None = None  # None: the index's model
+    device: str = "auto"
+    workers: int = 1  # decode processes of index jobs
+
+    def __post_init__(self) -> None:
+        if self.token is not None and len(self.token) < 16:
+            raise ValueError("DINOSEARCH_TOKEN must be at least 16 characters (write routes are guarded by it)")

@@ -1,0 +1,115 @@
+"""The web page in a real browser: Debian's headless chromium driven by Playwright against a live server.
+
+Screenshots of each state go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+from conftest import REPO
+
+from api.app import create_app
+from api.settings import Settings
+from indexer.runner import IndexConfig, index_folder
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(photos, embedder, tiny_model, tmp_path):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
+        pytest.skip("Debian's chromium is not installed here (`make browser` installs it; CI always does)")
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
+    app = create_app(Settings(index=idx, model=str(tiny_model), device="cpu", workers=0))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        assert time.time() < deadline and t.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", photos
+    srv.should_exit = True
+    t.join(10)
+
+
+def test_upload_then_draw_a_box(server):
+    from playwright.sync_api import sync_playwright
+
+    url, photos = server
+    ARTIFACTS.mkdir(exist_ok=True)
+    query = sorted(photos.rglob("*.jpg"))[9]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.wait_for_function("document.getElementById('stats').textContent.includes('48 photos')")
+
+        # keyboard: Tab reaches the file input, Space opens the chooser
+        page.focus("#file")
+        with page.expect_file_chooser() as fc:
+            page.keyboard.press(" ")
+        fc.value.set_files(str(query))
+        page.wait_for_selector("#results li.result img")
+        page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+        names = page.locator("#results .meta span:first-child").all_text_contents()
+        assert len(names) == 12 and names[0] == query.name
+        assert "similar" in page.text_content("#mode")
+        assert page.locator("#results .match").count() == 0
+        page.screenshot(path=str(ARTIFACTS / "1-upload-results.png"), full_page=True)
+
+        # draw a box on the query photo: region results with their match boxes
+        b = page.locator("#canvas").bounding_box()
+        page.mouse.move(b["x"] + b["width"] * 0.15, b["y"] + b["height"] * 0.2)
+        page.mouse.down()
+        page.mouse.move(b["x"] + b["width"] * 0.6, b["y"] + b["height"] * 0.7, steps=8)
+        page.mouse.up()
+        page.wait_for_function("document.getElementById('mode').textContent.includes('region')")
+        page.wait_for_selector("#results .match")
+        assert page.locator("#results .match").count() == 12
+        assert len(page.input_value("#box").split(",")) == 4
+        first = page.locator("#results .meta span:first-child").first.text_content()
+        assert first == query.name
+        page.screenshot(path=str(ARTIFACTS / "2-region-results.png"), full_page=True)
+
+        # the photo's parts drawn over it
+        with page.expect_response(lambda r: "/parts" in r.url and r.status == 200):
+            page.check("#show-parts")
+        page.screenshot(path=str(ARTIFACTS / "3-parts.png"))
+
+        # click a result: it becomes the query (by id)
+        with page.expect_response(lambda r: "/similar" in r.url and r.status == 200):
+            page.locator("#results button.hit").nth(1).click()
+
+        # phone width: one column, nothing overflowing sideways
+        page.set_viewport_size({"width": 390, "height": 844})
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+        page.screenshot(path=str(ARTIFACTS / "4-phone.png"), full_page=True)
+
+        # a broken upload shows the server's message, and the page keeps working
+        bad = photos / "bad.jpg"
+        bad.write_text("not a photo")
+        page.set_input_files("#file", str(bad))
+        page.wait_for_function("document.getElementById('message').textContent.includes('not an image')")
+        browser.close()
