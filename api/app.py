@@ -47,6 +47,32 @@ def _status(e: DinosearchError) -> int:
     return 400
 
 
+class BodyLimit:
+    """Refuse a request body over ``limit`` bytes before it is read: by its Content-Length, or while it streams."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            response = JSONResponse({"detail": f"request too large: {int(declared)} bytes, the limit is {self.limit}"}, 413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"request too large: over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI:
     svc = service or Service(settings)
 
@@ -59,6 +85,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     app = FastAPI(title="dinosearch", version="0.1.0", lifespan=lifespan,
                   description="Image similarity search on DINOv2 features: whole photos, regions, parts.")
     app.state.service = svc
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024)  # + multipart framing
 
     @app.exception_handler(DinosearchError)
     async def dinosearch_error(request: Request, e: DinosearchError) -> JSONResponse:
@@ -88,9 +115,6 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         return x0, y0, x1, y1
 
     async def read_upload(request: Request, image: UploadFile) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes + 64 * 1024:
-            raise HTTPException(413, f"upload too large: {int(declared)} bytes, the limit is {settings.max_upload_bytes}")
         data = await image.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise HTTPException(413, f"upload too large: the limit is {settings.max_upload_bytes} bytes")

@@ -120,6 +120,15 @@ def test_limits_and_bad_parameters(served):
     big = b"\xff" * (3 * 2**20)
     r = client.post("/search", files={"image": ("big.jpg", big, "image/jpeg")})
     assert r.status_code == 413 and "too large" in r.json()["detail"]
+
+    def stream():  # no Content-Length: refused while streaming, not after
+        for _ in range(64):
+            yield b"\xff" * 65536
+
+    r = client.post("/search", content=stream(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+    just_under = b"\xff" * (2 * 2**20 - 10)  # under the upload limit but not an image
+    assert client.post("/search", files={"image": ("x.jpg", just_under, "image/jpeg")}).status_code == 415
     q = jpeg(sorted(photos.rglob("*.jpg"))[0])
     for params, words in [({"box": "1,2,3"}, "x0,y0,x1,y1"), ({"box": "50,50,10,10"}, "empty"), ({"box": "9000,9000,9100,9100"}, "outside")]:
         r = client.post("/search", files={"image": ("q.jpg", q, "image/jpeg")}, params=params)
