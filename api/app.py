@@ -9,6 +9,7 @@ here: FastAPI must see the Annotated aliases built inside create_app.)
 import hmac
 import io
 import logging
+import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
 PhotoId = Annotated[int, PathParam(ge=1, le=2**62, description="id of an indexed photo")]
+
+
+def shown(path: str) -> str:
+    """A file name fit for JSON: bytes that are not UTF-8 become U+FFFD (the id is what addresses the photo)."""
+    return os.fsencode(Path(path).name).decode("utf-8", "replace")
 
 
 def _status(e: DinosearchError) -> int:
@@ -125,7 +131,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     def results(svc: Service, hits: list[Hit]) -> list[schemas.Result]:
         sizes = svc.engine.photo_size([h.photo_id for h in hits])
         return [schemas.Result(
-            id=h.photo_id, path=Path(h.path).name, score=round(h.score, 6),
+            id=h.photo_id, path=shown(h.path), score=round(h.score, 6),
             width=sizes.get(h.photo_id, (None, None))[0], height=sizes.get(h.photo_id, (None, None))[1],
             box=list(h.box) if h.box else None,
             heat=np.round(h.heat, 4).tolist() if h.heat is not None else None,
@@ -205,7 +211,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     def collection_parts(svc: Svc, k: Annotated[int, Query(ge=2, le=256)] = 16) -> list[schemas.CollectionPartOut]:
         """Recurring parts of the collection, each with the photos where it covers most patches."""
         return [schemas.CollectionPartOut(part=c.part, patches=c.size, photos=[
-            schemas.PartPhotoOut(id=p.photo_id, path=Path(p.path).name, patches=p.patches, box=list(p.box)) for p in c.photos])
+            schemas.PartPhotoOut(id=p.photo_id, path=shown(p.path), patches=p.patches, box=list(p.box)) for p in c.photos])
             for c in svc.engine.collection_parts(k)]
 
     def photo_path(svc: Service, photo_id: int) -> str:

@@ -29,6 +29,11 @@ EPILOG = """examples:
 """
 
 
+def shown(path: str) -> str:
+    """A path fit for a terminal or JSON: bytes that are not UTF-8 become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -77,7 +82,7 @@ def _index(args: argparse.Namespace, pool) -> int:
         f"{stats.failed} failed in {stats.seconds:.1f}s ({stats.photos_per_second:.1f} photos/s) -> {idx}"
     )
     for path, reason in stats.failures[:20]:
-        print(f"  skipped {os.fsencode(path).decode('utf-8', 'replace')}: {reason}")
+        print(f"  skipped {shown(path)}: {reason}")
     if len(stats.failures) > 20:
         print(f"  ... and {len(stats.failures) - 20} more (see `dinosearch info {idx} --failed`)")
     return 0
@@ -131,12 +136,12 @@ def cmd_search(args: argparse.Namespace) -> int:
             mask = parts.labels == args.part
         hits = engine.region(query, args.k, box=args.box, mask=mask)
     if args.json:
-        rows = [{"id": h.photo_id, "path": h.path, "score": round(h.score, 6)} | ({"box": list(h.box)} if h.box else {}) for h in hits]
+        rows = [{"id": h.photo_id, "path": shown(h.path), "score": round(h.score, 6)} | ({"box": list(h.box)} if h.box else {}) for h in hits]
         print(json.dumps(rows, indent=1))
     else:
         for rank, h in enumerate(hits, 1):
             where = f"  box {','.join(map(str, h.box))}" if h.box else ""
-            print(f"{rank:3d}  {h.score:.4f}  {h.path}{where}")
+            print(f"{rank:3d}  {h.score:.4f}  {shown(h.path)}{where}")
     if args.draw and hits:
         from search.draw import draw_box, heat_overlay, load_photo
 
@@ -165,7 +170,7 @@ def cmd_parts(args: argparse.Namespace) -> int:
                 raise DinosearchError(f"--search must be a part number between 0 and {len(parts) - 1}")
             hits = engine.region_by_vectors(chosen[0].center[None], args.top)
             for rank, h in enumerate(hits, 1):
-                print(f"{rank:3d}  {h.score:.4f}  {h.path}  box {','.join(map(str, h.box))}")
+                print(f"{rank:3d}  {h.score:.4f}  {shown(h.path)}  box {','.join(map(str, h.box))}")
             return 0
         out = Path(args.out) if args.out else None
         if out:
@@ -179,7 +184,7 @@ def cmd_parts(args: argparse.Namespace) -> int:
                     load_photo(ph.path).crop(ph.box).save(out / name, quality=90)
                     files.append(name)
             rows.append({"part": cp.part, "patches": cp.size, "photos": [
-                {"id": ph.photo_id, "path": ph.path, "patches": ph.patches, "box": list(ph.box)} | ({"crop": files[j]} if out else {})
+                {"id": ph.photo_id, "path": shown(ph.path), "patches": ph.patches, "box": list(ph.box)} | ({"crop": files[j]} if out else {})
                 for j, ph in enumerate(cp.photos)]})
         if out:
             (out / "parts.json").write_text(json.dumps(rows, indent=1))
@@ -225,7 +230,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "patch_vectors": engine.snapshot.patch_index().ntotal, "patch_kind": m.patch_kind,
         "files": files, "format_version": m.format_version,
     }
-    failed = [(os.fsdecode(p), e) for p, e in engine.db.execute("SELECT path, error FROM photos WHERE status='failed' ORDER BY path")]
+    failed = [(shown(os.fsdecode(p)), e) for p, e in engine.db.execute("SELECT path, error FROM photos WHERE status='failed' ORDER BY path")]
     if args.json:
         info["failed"] = [{"path": p, "error": e} for p, e in failed]
         print(json.dumps(info, indent=1))
@@ -238,7 +243,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"{key:<16} {value}")
     shown = failed if args.failed else failed[:10]
     for p, e in shown:
-        print(f"  failed: {os.fsencode(p).decode('utf-8', 'replace')}: {e}")
+        print(f"  failed: {p}: {e}")
     if len(failed) > len(shown):
         print(f"  ... {len(failed) - len(shown)} more (--failed lists all)")
     return 0
@@ -257,6 +262,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_upload_bytes=args.max_upload_mb * 2**20)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from indexer.verify import verify
+
+    r = verify(args.index, repair=args.repair)
+    if args.json:
+        print(json.dumps({"ok": r.ok, "snapshot": r.snapshot, "problems": r.problems, "repaired": r.repaired, "counts": r.counts}, indent=1))
+    else:
+        for line in r.repaired:
+            print(f"repaired: {line}")
+        for line in r.problems:
+            print(f"problem: {line}")
+        if r.ok:
+            print(f"ok: {args.index} ({r.snapshot}: " + ", ".join(f"{k} {v}" for k, v in r.counts.items()) + ")")
+    return 0 if r.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=1, help="decode processes of index jobs")
     q.add_argument("--max-upload-mb", type=int, default=32, help="largest accepted upload (default 32 MiB)")
     q.set_defaults(func=cmd_serve)
+
+    q = sub.add_parser("verify", help="check an index: manifest, catalog and FAISS files against each other",
+                       description="Check the live snapshot; exit 0 if it is whole, 1 with each problem named. "
+                                   "--repair removes unfinished snapshots and, if the live one is broken, switches back "
+                                   "to the newest snapshot that checks out.")
+    q.add_argument("index", help="index directory")
+    q.add_argument("--repair", action="store_true", help="fix what is safe to fix")
+    q.add_argument("--json", action="store_true", help="print as JSON")
+    q.set_defaults(func=cmd_verify)
 
     q = sub.add_parser("info", help="what an index holds", description="Model, counts, sizes, index kinds and failed files of an index.")
     q.add_argument("index", help="index directory")

@@ -27,3 +27,7 @@ class DecodeError(DinosearchError):
 
 class ConfigError(DinosearchError):
     """An option value is impossible (wrong resolution, unknown device or precision)."""
+
+
+class IndexWriteError(DinosearchError):
+    """A commit could not be written (disk full, file size limit, read-only); the last snapshot is intact."""

@@ -16,6 +16,7 @@ keeps a complete snapshot (the previous one is kept until the next commit).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 
-from indexer.errors import ConfigError, IndexBusy, IndexFormatError, ModelMismatch
+from indexer.errors import ConfigError, IndexBusy, IndexFormatError, IndexWriteError, ModelMismatch
 
 if TYPE_CHECKING:
     from indexer.embedder import Embedder
@@ -79,6 +80,7 @@ class Manifest:
     patch_kind: str = "SQ8"
     kinds_forced: tuple[str | None, str | None] = (None, None)
     next_id: int = 1
+    files: dict[str, dict[str, int | str]] = field(default_factory=dict)  # name -> size, blake2b of the snapshot's files
     format_version: int = FORMAT_VERSION
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
@@ -213,6 +215,15 @@ def read_index(path: Path, *, mmap: bool = False) -> faiss.Index:
 
 
 # ---------------------------------------------------------------- snapshots
+
+
+def file_digest(path: Path) -> dict[str, int | str]:
+    """Size and blake2b of a file, recorded in the manifest so `verify` catches any corruption."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return {"size": path.stat().st_size, "blake2b": h.hexdigest()}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -436,15 +447,7 @@ class Writer:
 
     # -- commit
 
-    def commit(self) -> Path | None:
-        """Write everything as a new snapshot and switch CURRENT to it atomically."""
-        if not self.dirty and current_snapshot(self.root) is not None:
-            return None
-        self._refit_kinds()
-        snaps = self._snapshots()
-        number = int(snaps[-1].name.split("-")[1]) + 1 if snaps else 1
-        name = f"snap-{number:06d}"
-        tmp = self.root / f"{name}.tmp"
+    def _write_snapshot(self, tmp: Path, name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         self.manifest.updated = time.time()
@@ -455,6 +458,7 @@ class Writer:
         self.db.commit()
         self.db.backup(dst)
         dst.close()
+        self.manifest.files = {f: file_digest(tmp / f) for f in (GLOBAL_FILE, PATCH_FILE, CATALOG_FILE)}
         (tmp / MANIFEST_FILE).write_text(self.manifest.to_json())
         for f in (GLOBAL_FILE, PATCH_FILE, CATALOG_FILE, MANIFEST_FILE):
             _fsync_file(tmp / f)
@@ -466,6 +470,26 @@ class Writer:
         _fsync_file(cur_tmp)
         os.replace(cur_tmp, self.root / "CURRENT")
         _fsync_dir(self.root)
+        return final
+
+    def commit(self) -> Path | None:
+        """Write everything as a new snapshot and switch CURRENT to it atomically."""
+        if not self.dirty and current_snapshot(self.root) is not None:
+            return None
+        self._refit_kinds()
+        snaps = self._snapshots()
+        number = int(snaps[-1].name.split("-")[1]) + 1 if snaps else 1
+        name = f"snap-{number:06d}"
+        tmp = self.root / f"{name}.tmp"
+        try:
+            final = self._write_snapshot(tmp, name)
+        except (OSError, RuntimeError, sqlite3.Error) as e:  # FAISS reports write errors as RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            e = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:200]
+            live = current_snapshot(self.root)
+            kept = f"the last committed snapshot ({live.name}) is intact" if live else "nothing had been committed yet"
+            raise IndexWriteError(f"could not write a new snapshot in {self.root}: {e}; {kept}; "
+                                  f"free space (or lift the limit) and run again to resume") from None
         self.dirty = False
         self._clean()
         return final

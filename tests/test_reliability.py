@@ -1,0 +1,143 @@
+"""Bad input, damaged indexes and storage faults: nothing is lost, every error is one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from fastapi.testclient import TestClient
+from test_index import assert_consistent
+
+from api.app import create_app
+from api.settings import Settings
+from indexer.runner import IndexConfig, index_folder
+from indexer.store import Snapshot
+from indexer.verify import verify
+
+sys.path.insert(0, str(REPO / "scripts"))
+from make_hostile_corpus import add_runtime_cases, make  # noqa: E402
+
+HOSTILE = REPO / "tests" / "data" / "hostile"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=ENV, timeout=600, **kw)
+
+
+def test_committed_corpus_matches_its_generator(tmp_path):
+    expect = make(tmp_path / "fresh")
+    assert sorted(expect) == sorted(os.listdir(HOSTILE))
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    folder = tmp_path / "hostile"
+    shutil.copytree(HOSTILE, folder)
+    expect = make(tmp_path / "expect-only")  # names -> must index
+    expect.update(add_runtime_cases(folder))
+    return folder, expect
+
+
+def test_every_hostile_file_indexes_or_is_recorded(hostile, embedder, tmp_path):
+    folder, expect = hostile
+    idx = tmp_path / "idx"
+    stats = index_folder(folder, idx, embedder, IndexConfig(workers=1, progress=False))
+    rows = Snapshot.open(idx).catalog().execute("SELECT path, status, error FROM photos").fetchall()
+    got = {os.path.basename(os.fsdecode(p)): (s, e) for p, s, e in rows}
+    assert set(got) == set(expect), set(got) ^ set(expect)
+    for name, must_index in expect.items():
+        status, error = got[name]
+        assert (status == "indexed") == must_index, (name, status, error)
+        if status == "failed":
+            assert error and "\n" not in error, name
+    assert stats.indexed == sum(expect.values())
+    assert verify(idx).ok
+    assert_consistent(idx)
+    # the 8 EXIF orientations of one photo are 8 different photos once applied
+    ids = {os.path.basename(os.fsdecode(p)): i for i, p in Snapshot.open(idx).catalog().execute("SELECT id, path FROM photos")}
+    g = Snapshot.open(idx).global_index()
+    vecs = {tuple(g.reconstruct(ids[f"exif_orientation_{o}.jpg"]).round(4)) for o in range(1, 9)}
+    assert len(vecs) == 8
+
+
+def test_hostile_uploads_get_4xx_and_the_server_stays_up(hostile, embedder, tmp_path):
+    folder, expect = hostile
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, embedder, IndexConfig(workers=0, progress=False))
+    with TestClient(create_app(Settings(index=idx, device="cpu"))) as client:
+        for name, must_index in sorted(make(tmp_path / "again").items()):
+            r = client.post("/search", files={"image": (name, (folder / name).read_bytes(), "application/octet-stream")})
+            if must_index:
+                assert r.status_code == 200 and r.json()["results"], (name, r.text)
+            else:
+                assert r.status_code in (400, 413, 415) and r.json()["detail"], (name, r.status_code, r.text)
+            assert client.get("/health").status_code == 200
+
+
+def test_verify_names_a_truncated_or_altered_file_and_repair_falls_back(photos, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
+    first = Snapshot.open(idx).path.name
+    sorted(photos.rglob("*.jpg"))[0].unlink()
+    index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
+    live = Snapshot.open(idx).path
+    p = cli("verify", str(idx))
+    assert p.returncode == 0 and p.stdout.startswith("ok:")
+
+    patches = live / "patches.faiss"
+    data = patches.read_bytes()
+    patches.write_bytes(data[: len(data) // 2])  # truncated
+    p = cli("verify", str(idx))
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert str(patches) in p.stdout and "problem:" in p.stdout
+    p = cli("info", str(idx))
+    assert p.returncode == 2 and "patches.faiss is corrupt or truncated" in p.stderr and "Traceback" not in p.stderr
+
+    g = live / "global.faiss"
+    raw = bytearray(g.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the vectors: only the checksum can tell
+    g.write_bytes(bytes(raw))
+    assert any("global.faiss differs from what was committed" in x for x in verify(idx).problems)
+
+    (idx / "snap-999999.tmp").mkdir()
+    p = cli("verify", str(idx), "--repair", "--json")
+    r = json.loads(p.stdout)
+    assert p.returncode == 0 and r["ok"] and r["snapshot"] == first
+    assert any("snap-999999.tmp" in x for x in r["repaired"]) and any("switched back" in x for x in r["repaired"])
+    assert cli("search", str(idx), "1", "--id", "-k", "3").returncode == 0
+
+
+def test_disk_full_leaves_the_last_snapshot_intact(photos, tiny_model, tmp_path):
+    idx = tmp_path / "idx"
+    half = tmp_path / "half"
+    half.mkdir()
+    files = sorted(photos.rglob("*.jpg"))
+    for f in files[:10]:
+        shutil.copy(f, half / f.name)
+    assert cli("index", str(half), "--index", str(idx), "--model", str(tiny_model), "-q").returncode == 0
+    before = Snapshot.open(idx).path.name
+    for f in files[10:]:
+        shutil.copy(f, half / f.name)
+
+    def small_files() -> None:  # the writer may create no file over 64 KiB, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    p = cli("index", str(half), "--index", str(idx), "--model", str(tiny_model), "-q", preexec_fn=small_files)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert "could not write a new snapshot" in line and f"({before}) is intact" in line
+    assert Snapshot.open(idx).path.name == before and verify(idx).ok
+    assert not list(idx.glob("*.tmp"))
+    assert cli("search", str(idx), "1", "--id").returncode == 0
+    p = cli("index", str(half), "--index", str(idx), "-q")  # resumes once there is room
+    assert p.returncode == 0 and "38 indexed" in p.stdout
+    assert verify(idx).ok
