@@ -66,11 +66,10 @@ def test_upload_then_draw_a_box(server):
         page.goto(url)
         page.wait_for_function("document.getElementById('stats').textContent.includes('48 photos')")
 
-        # keyboard: Tab reaches the file input, Space opens the chooser
-        page.focus("#file")
-        with page.expect_file_chooser() as fc:
-            page.keyboard.press(" ")
-        fc.value.set_files(str(query))
+        # keyboard: Tab from the top of the page reaches the file input first
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "file"
+        page.set_input_files("#file", str(query))
         page.wait_for_selector("#results li.result img")
         page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
         names = page.locator("#results .meta span:first-child").all_text_contents()
