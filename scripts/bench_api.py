@@ -89,6 +89,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_server(server: subprocess.Popen, port: int, timeout: float = 60) -> None:
+    """Return once the server subprocess accepts connections on the port; exit with its stderr if it dies."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.2)
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1000, q))
 
@@ -136,15 +149,7 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", str(idx), "--port", str(port), "--model", str(model),
                                "--device", "cpu"], cwd=REPO, env=env, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}") from None
-                time.sleep(0.2)
+        wait_for_server(server, port)
         print(f"server: dinosearch serve on 127.0.0.1:{port}; load: {a.clients} keep-alive clients in a second process, "
               f"{a.requests} requests per route", flush=True)
         print(f"{'route':<12} {'HTTP p50':>9} {'p99':>8} {'req/s':>7} {'errors':>6} {'in-process p50':>15} {'p99':>7} {'HTTP/in-process p50':>20}")

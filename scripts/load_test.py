@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_api import LOAD, free_port  # noqa: E402
+from bench_api import LOAD, free_port, wait_for_server  # noqa: E402
 
 TOKEN = "load-test-token-0123456789abcdef"
 
@@ -60,15 +59,7 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", str(idx), "--port", str(port), "--device", "cpu"],
                               cwd=REPO, env=env, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit("server did not start") from None
-                time.sleep(0.2)
+        wait_for_server(server, port)
         load = subprocess.Popen([sys.executable, "-c", LOAD, str(port), "/photos/1/similar?k=10", str(a.requests), str(a.clients),
                                  "-", str(a.seconds)], stdout=subprocess.PIPE, text=True)
         time.sleep(2)
