@@ -2,7 +2,8 @@
 
     python scripts/load_test.py [--clients 32] [--seconds 60]
 
-The server (`dinosearch serve`, tiny random-weight model) starts on an index of
+The server (`dinosearch serve`, architecture-exact dinov2-small with random
+weights, so the job costs what it would) starts on an index of
 48 sample photos; a job then adds the other 192 sample photos while 32 clients in
 a second process search by id for 60 s (a bounded number of requests). Prints
 requests/s, p50/p99 latency and errors, then checks that searches see the new
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--requests", type=int, default=100_000, help="upper bound on requests")
+    ap.add_argument("--arch", default="small", help="random-weight model size: small (real dinov2-small cost) or tiny")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "load-test")
     a = ap.parse_args()
 
@@ -49,7 +51,7 @@ def main() -> None:
     photos = sorted((REPO / "data" / "caltech101-sample" / "images").glob("*.jpg"))
     for i, p in enumerate(photos):
         shutil.copy(p, (first if i % 5 == 0 else later) / p.name)
-    model = save_random_model(a.out / "tiny", "tiny")
+    model = save_random_model(a.out / a.arch, a.arch)
     idx = a.out / "idx"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DINOSEARCH_TOKEN": TOKEN}
     subprocess.run([sys.executable, "-m", "api.cli", "index", str(first), "--index", str(idx), "--model", str(model), "-q"],
