@@ -91,7 +91,7 @@ def _offline_message(model: str) -> str:
     return (
         f"cannot load model '{model}': its weights are not in the local cache and the "
         f"Hugging Face hub cannot be reached; on a machine with network run "
-        f"`huggingface-cli download {model} --local-dir DIR`, copy DIR here and pass --model DIR"
+        f"`hf download {model} --local-dir DIR`, copy DIR here and pass --model DIR"
     )
 
 
