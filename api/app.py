@@ -137,7 +137,8 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
             heat=np.round(h.heat, 4).tolist() if h.heat is not None else None,
         ) for h in hits]
 
-    def run_search(svc: Service, query, k: int, box: str | None, part: int | None, parts_k: int) -> schemas.SearchResponse:
+    def run_search(svc: Service, query, k: int, box: str | None, part: int | None, parts_k: int,
+                   label: str | None = None) -> schemas.SearchResponse:
         engine = svc.engine
         b = parse_box(box)
         if b is not None and part is not None:
@@ -146,13 +147,13 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
             if not 0 <= part < parts_k:
                 raise BadRegion(f"part must be between 0 and {parts_k - 1}")
             parts = engine.parts(query, parts_k)
-            hits, size, mode = engine.region(query, k, mask=parts.labels == part), parts.size, "region"
+            hits, size, mode = engine.region(query, k, mask=parts.labels == part, label=label), parts.size, "region"
         elif b is not None:
-            hits = engine.region(query, k, box=b)
+            hits = engine.region(query, k, box=b, label=label)
             mode = "region"
             size = engine.query_patches(query)[1] if isinstance(query, int) else None
         else:
-            hits, mode, size = engine.similar(query, k), "global", None
+            hits, mode, size = engine.similar(query, k, label=label), "global", None
         if size is None:
             size = engine.photo_size([query])[int(query)] if isinstance(query, int) else open_photo(query, draft_size=64)[1]
         return schemas.SearchResponse(mode=mode, query_size=list(size), grid=engine.manifest.grid, results=results(svc, hits))
@@ -161,6 +162,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     Box = Annotated[str | None, Query(description="region search: x0,y0,x1,y1 in pixels of the query photo")]
     Part = Annotated[int | None, Query(ge=0, description="region search: this part of the query photo")]
     PartsK = Annotated[int, Query(ge=2, le=16, description="how many parts the photo is split into")]
+    Label = Annotated[str | None, Query(max_length=200, description="only photos with this class tag")]
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -179,18 +181,24 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
 
     @app.post("/search", response_model=schemas.SearchResponse)
     async def search_upload(request: Request, svc: Svc, image: Annotated[UploadFile, File(description="the query photo")],
-                            k: K = 10, box: Box = None, part: Part = None, parts_k: PartsK = 5) -> schemas.SearchResponse:
+                            k: K = 10, box: Box = None, part: Part = None, parts_k: PartsK = 5,
+                            label: Label = None) -> schemas.SearchResponse:
         """Photos like an uploaded photo (global), or containing a region of it (box or part), with where."""
         data = await read_upload(request, image)
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(run_search, svc, data, k, box, part, parts_k)
+        return await run_in_threadpool(run_search, svc, data, k, box, part, parts_k, label)
 
     @app.get("/photos/{photo_id}/similar", response_model=schemas.SearchResponse)
     def search_by_id(photo_id: PhotoId, svc: Svc, k: K = 10, box: Box = None, part: Part = None,
-                     parts_k: PartsK = 5) -> schemas.SearchResponse:
+                     parts_k: PartsK = 5, label: Label = None) -> schemas.SearchResponse:
         """Photos like an indexed photo, or containing a region of it."""
-        return run_search(svc, photo_id, k, box, part, parts_k)
+        return run_search(svc, photo_id, k, box, part, parts_k, label)
+
+    @app.get("/labels", response_model=list[schemas.LabelCount])
+    def labels(svc: Svc, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[schemas.LabelCount]:
+        """Class tags of the collection (top-1 per photo) with how many photos carry each."""
+        return [schemas.LabelCount(label=lab, photos=n) for lab, n in svc.engine.label_counts(limit)]
 
     @app.post("/parts", response_model=schemas.PartsResponse)
     async def parts_upload(request: Request, svc: Svc, image: Annotated[UploadFile, File()], k: PartsK = 5) -> schemas.PartsResponse:

@@ -76,9 +76,16 @@ def _index(args: argparse.Namespace, pool) -> int:
         global_kind=args.global_kind, patch_kind=args.patch_kind, retry_failed=args.retry_failed,
         progress=not args.quiet,
     )
-    stats = index_folder(args.folder, idx, embedder, cfg, pool=pool)
+    classifier = None
+    if args.classify or args.classifier:
+        from indexer.classifier import DEFAULT_CLASSIFIER, Classifier, ClassifierConfig
+
+        name = args.classifier or (Snapshot.open(idx).manifest.classifier if current_snapshot(idx) else None) or DEFAULT_CLASSIFIER
+        classifier = Classifier(ClassifierConfig(model=name), device=embedder.device, precision=embedder.precision)
+    stats = index_folder(args.folder, idx, embedder, cfg, pool=pool, classifier=classifier)
+    tagged = f", {stats.labelled} tagged" if classifier is not None else ""
     print(
-        f"{stats.indexed} indexed, {stats.touched} touched, {stats.unchanged} unchanged, {stats.deleted} deleted, "
+        f"{stats.indexed} indexed{tagged}, {stats.touched} touched, {stats.unchanged} unchanged, {stats.deleted} deleted, "
         f"{stats.failed} failed in {stats.seconds:.1f}s ({stats.photos_per_second:.1f} photos/s) -> {idx}"
     )
     for path, reason in stats.failures[:20]:
@@ -122,7 +129,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if sum(x is not None for x in (args.box, args.mask, args.part)) > 1:
         raise DinosearchError("give one of --box, --mask, --part")
     if not region:
-        hits = engine.similar(query, args.k)
+        hits = engine.similar(query, args.k, label=args.label)
     else:
         mask = None
         if args.mask is not None:
@@ -134,7 +141,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             if not 0 <= args.part < args.parts_k:
                 raise DinosearchError(f"--part must be between 0 and {args.parts_k - 1} (the photo has --parts-k {args.parts_k} parts)")
             mask = parts.labels == args.part
-        hits = engine.region(query, args.k, box=args.box, mask=mask)
+        hits = engine.region(query, args.k, box=args.box, mask=mask, label=args.label)
     if args.json:
         rows = [{"id": h.photo_id, "path": shown(h.path), "score": round(h.score, 6)} | ({"box": list(h.box)} if h.box else {}) for h in hits]
         print(json.dumps(rows, indent=1))
@@ -229,6 +236,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "global_vectors": engine.global_index.ntotal, "global_kind": m.global_kind,
         "patch_vectors": engine.snapshot.patch_index().ntotal, "patch_kind": m.patch_kind,
         "files": files, "format_version": m.format_version,
+        "classifier": m.classifier, "tags": dict(engine.label_counts(20)),
     }
     failed = [(shown(os.fsdecode(p)), e) for p, e in engine.db.execute("SELECT path, error FROM photos WHERE status='failed' ORDER BY path")]
     if args.json:
@@ -239,6 +247,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         if key == "files":
             for name, size in sorted(value.items()):
                 print(f"  {name:<16} {_human(size)}")
+        elif key == "tags":
+            if value:
+                print("tags (top-1)     " + ", ".join(f"{lab} {n}" for lab, n in value.items()))
         else:
             print(f"{key:<16} {value}")
     shown = failed if args.failed else failed[:10]
@@ -261,6 +272,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(index=Path(args.index).expanduser(), model=args.model, device=args.device, workers=args.workers,
                         max_upload_bytes=args.max_upload_mb * 2**20)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from indexer.classifier import DEFAULT_CLASSIFIER, Classifier, ClassifierConfig
+    from indexer.embedder import pick_device
+    from indexer.reader import load_query
+    from indexer.store import Snapshot
+
+    m = Snapshot.open(args.index).manifest
+    name = args.classifier or m.classifier or DEFAULT_CLASSIFIER
+    if not Path(args.photo).is_file():
+        raise DinosearchError(f"photo not found: {args.photo}")
+    clf = Classifier(ClassifierConfig(model=name, top_k=args.top), device=pick_device(args.device), precision="fp32")
+    pixels, _ = load_query(args.photo, m.resolution)  # the whole photo, exactly as indexing sees it
+    tags = clf.classify(pixels[None])[0]
+    if args.json:
+        print(json.dumps([{"label": lab, "prob": p} for lab, p in tags], indent=1))
+    else:
+        for lab, p in tags:
+            print(f"{p:7.2%}  {lab}")
     return 0
 
 
@@ -309,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--global-kind", default=None, help="FAISS factory string for the global index (default: by size)")
     q.add_argument("--patch-kind", default=None, help="FAISS factory string for the patch index (default: by size)")
     q.add_argument("--retry-failed", action="store_true", help="try again the files that failed before")
+    q.add_argument("--classify", action="store_true", help="tag photos with an image classifier (also tags an existing index without re-embedding)")
+    q.add_argument("--classifier", default=None, help="hub id or directory of any image-classification model (default google/vit-base-patch16-224)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_index)
 
@@ -323,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mask", default=None, metavar="IMAGE", help="region search: a mask image the size of the query photo (white = region)")
     q.add_argument("--part", type=int, default=None, help="region search: part N of the query photo (see `dinosearch parts`)")
     q.add_argument("--parts-k", type=int, default=5, help="how many parts --part splits the photo into (default 5)")
+    q.add_argument("--label", default=None, help="only photos with this class tag (see `dinosearch info`)")
     q.add_argument("--draw", default=None, metavar="DIR", help="save each result with its heat map and match box in DIR")
     q.add_argument("--json", action="store_true", help="print results as JSON")
     model_flags(q, "default: the model that built the index")
@@ -357,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=1, help="decode processes of index jobs")
     q.add_argument("--max-upload-mb", type=int, default=32, help="largest accepted upload (default 32 MiB)")
     q.set_defaults(func=cmd_serve)
+
+    q = sub.add_parser("classify", help="top labels of a photo by the index's classifier",
+                       description="Class tags of a photo with probabilities, by the classifier that tagged the index.")
+    q.add_argument("index", help="index directory")
+    q.add_argument("photo", help="photo (path)")
+    q.add_argument("--classifier", default=None, help="hub id or directory (default: the index's classifier)")
+    q.add_argument("--top", type=int, default=5, help="how many labels (default 5)")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--json", action="store_true", help="print as JSON")
+    q.set_defaults(func=cmd_classify)
 
     q = sub.add_parser("verify", help="check an index: manifest, catalog and FAISS files against each other",
                        description="Check the live snapshot; exit 0 if it is whole, 1 with each problem named. "

@@ -72,3 +72,8 @@ class Job(BaseModel):
 class Deleted(BaseModel):
     id: int
     deleted: bool
+
+
+class LabelCount(BaseModel):
+    label: str
+    photos: int

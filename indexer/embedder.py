@@ -95,9 +95,15 @@ def _offline_message(model: str) -> str:
     )
 
 
-def load_backbone(model: str, revision: str | None = None) -> torch.nn.Module:
-    """Load a DINOv2 model by local directory or hub id, failing in one clear line."""
-    from transformers import AutoConfig, AutoModel
+def load_pretrained(model: str, revision: str | None, auto_class: type, *, types: tuple[str, ...] | None = None,
+                    what: str = "DINOv2", **load_kwargs) -> torch.nn.Module:
+    """Load a transformers model by local directory or hub id, failing in one clear line.
+
+    A hub id is looked up in the local cache first (no network at all when it is
+    there); if it is not cached and the hub cannot be reached, the error says how to
+    pass a local directory. ``types`` restricts the accepted config.model_type.
+    """
+    from transformers import AutoConfig
 
     local = Path(model).expanduser()
     if local.is_dir():
@@ -116,18 +122,23 @@ def load_backbone(model: str, revision: str | None = None) -> torch.nn.Module:
                 raise WeightsUnavailable(_offline_message(model)) from None
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
-        if config.model_type not in SUPPORTED_TYPES:
-            raise WeightsUnavailable(
-                f"'{model}' is a {config.model_type!r} model; dinosearch needs DINOv2 ({', '.join(SUPPORTED_TYPES)})"
-            )
-        # eager attention: on CPUs measured faster than sdpa for ViT-S/14 (see README)
-        net = AutoModel.from_pretrained(source, attn_implementation="eager", **kwargs)
+        if types is not None and config.model_type not in types:
+            raise WeightsUnavailable(f"'{model}' is a {config.model_type!r} model; dinosearch needs {what} ({', '.join(types)})")
+        net = auto_class.from_pretrained(source, **load_kwargs, **kwargs)
     except WeightsUnavailable:
         raise
-    except OSError as e:
+    except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsUnavailable(f"cannot load model '{model}': {reason}") from None
+        raise WeightsUnavailable(f"cannot load model '{model}' as {what}: {reason}") from None
     return net.eval()
+
+
+def load_backbone(model: str, revision: str | None = None) -> torch.nn.Module:
+    """Load a DINOv2 model by local directory or hub id, failing in one clear line."""
+    from transformers import AutoModel
+
+    # eager attention: on CPUs measured faster than sdpa for ViT-S/14 (see README)
+    return load_pretrained(model, revision, AutoModel, types=SUPPORTED_TYPES, attn_implementation="eager")
 
 
 def _preprocessing(model_dir: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.classifier import Classifier
 from indexer.embedder import Embedder
 from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Decoded, DecodeJob, FileInfo, decode_file, scan, warm_up
 from indexer.store import Manifest, Writer
@@ -54,6 +55,7 @@ class RunStats:
     indexed: int = 0
     failed: int = 0
     touched: int = 0  # same content, new mtime
+    labelled: int = 0  # photos given class tags
     commits: int = 0
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
@@ -103,11 +105,14 @@ def index_folder(
     on_commit: Callable[[RunStats], None] | None = None,
     pool: ProcessPoolExecutor | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    classifier: Classifier | None = None,
 ) -> RunStats:
     """Bring the index at ``index_dir`` up to date with the photos below ``root``.
 
     ``pool`` may be a decode pool from start_pool(), started early (before the model
     loads) so the workers' start-up is hidden; it is shut down here either way.
+    ``classifier`` tags every embedded photo from the same decoded pixels, and tags
+    photos already in the index that have no tags yet (decoded again, not re-embedded).
     """
 
     t0 = time.perf_counter()
@@ -116,13 +121,13 @@ def index_folder(
     if pool is None:
         pool = start_pool(config.workers)
     try:
-        return _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress)
+        return _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress, classifier)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress) -> RunStats:
+def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress, classifier) -> RunStats:
     from tqdm import tqdm
 
     manifest = Manifest.for_embedder(embedder, global_kind=config.global_kind, patch_kind=config.patch_kind)
@@ -140,6 +145,12 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
         writer.delete(gone)
         stats.deleted = len(gone)
 
+        need_labels: set[int] = set()
+        if classifier is not None:
+            if writer.manifest.classifier not in (None, classifier.config.model):
+                writer.db.execute("DELETE FROM labels")  # another classifier's tags: every photo is tagged anew
+            writer.manifest.classifier = classifier.config.model
+            need_labels = writer.unlabelled()
         todo: list[FileInfo] = []
         for f in files:
             k = known.get(f.path)
@@ -147,6 +158,8 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
                 stats.new += 1
             elif (k[1], k[2]) == (f.size, f.mtime_ns) and (k[4] == "indexed" or not config.retry_failed):
                 stats.unchanged += 1
+                if k[0] in need_labels:
+                    todo.append(f)  # decoded again for its tags only
                 continue
             else:
                 stats.changed += 1
@@ -161,17 +174,32 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
         window = max(2 * config.batch_size, 4 * max(config.workers, 1))
         batch_rows: list[tuple] = []
         batch_pixels: list[np.ndarray] = []
+        tag_ids: list[int] = []  # photos that only need tags
+        tag_pixels: list[np.ndarray] = []
         since_commit, last_commit = 0, time.monotonic()
 
+        def tag(ids: list[int], pixels: np.ndarray) -> None:
+            t = time.perf_counter()
+            writer.set_labels(ids, classifier.classify(pixels))
+            stats.stage_seconds["classify"] += time.perf_counter() - t
+            stats.labelled += len(ids)
+
         def flush() -> None:
+            if tag_ids:
+                tag(list(tag_ids), np.stack(tag_pixels))
+                tag_ids.clear()
+                tag_pixels.clear()
             if not batch_rows:
                 return
             t = time.perf_counter()
-            out = embedder.embed(np.stack(batch_pixels))
+            px = np.stack(batch_pixels)
+            out = embedder.embed(px)
             t1 = time.perf_counter()
             writer.add(batch_rows, out.cls, out.patches)
             stats.stage_seconds["embed"] += t1 - t
             stats.stage_seconds["write"] += time.perf_counter() - t1
+            if classifier is not None:
+                tag([r[0] for r in batch_rows], px)
             stats.indexed += len(batch_rows)
             batch_rows.clear()
             batch_pixels.clear()
@@ -204,8 +232,14 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
                 stats.failures.append((d.path, d.error))
                 log.info("skipped %s: %s", d.path, d.error)
             elif k is not None and k[3] == d.hash and k[4] == "indexed":
-                writer.touch(photo_id, d.size, d.mtime_ns)
-                stats.touched += 1
+                if (k[1], k[2]) != (d.size, d.mtime_ns):
+                    writer.touch(photo_id, d.size, d.mtime_ns)
+                    stats.touched += 1
+                if photo_id in need_labels:
+                    tag_ids.append(photo_id)
+                    tag_pixels.append(d.pixels)
+                    if len(tag_ids) >= config.batch_size:
+                        flush()
             else:
                 batch_rows.append((photo_id, d.path, d.size, d.mtime_ns, d.hash, d.width, d.height))
                 batch_pixels.append(d.pixels)

@@ -57,6 +57,14 @@ CREATE TABLE IF NOT EXISTS photos (
     updated   REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS photos_status ON photos(status);
+CREATE TABLE IF NOT EXISTS labels (         -- class tags: the classifier's top-k per photo
+    photo_id  INTEGER NOT NULL,
+    rank      INTEGER NOT NULL,
+    label     TEXT NOT NULL,
+    prob      REAL NOT NULL,
+    PRIMARY KEY (photo_id, rank)
+);
+CREATE INDEX IF NOT EXISTS labels_label ON labels(label);
 """
 
 
@@ -80,7 +88,8 @@ class Manifest:
     patch_kind: str = "SQ8"
     kinds_forced: tuple[str | None, str | None] = (None, None)
     next_id: int = 1
-    files: dict[str, dict[str, int | str]] = field(default_factory=dict)  # name -> size, blake2b of the snapshot's files
+    files: dict[str, dict[str, int | str]] = field(default_factory=dict)
+    classifier: str | None = None  # the model that made the labels, if any  # name -> size, blake2b of the snapshot's files
     format_version: int = FORMAT_VERSION
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
@@ -312,6 +321,7 @@ class Writer:
             src = old.catalog()
             src.backup(self.db)
             src.close()
+            self.db.executescript(SCHEMA)  # tables added since the snapshot was written
             self.manifest = old.manifest
             self.global_index = old.global_index()
             self.patch_index = old.patch_index()
@@ -365,7 +375,20 @@ class Writer:
         self.manifest.next_id += 1
         return i
 
+    def set_labels(self, photo_ids: list[int], labels: list[list[tuple[str, float]]]) -> None:
+        """Replace the class tags of photos (top-k (label, probability), best first)."""
+        self.db.executemany("DELETE FROM labels WHERE photo_id=?", [(int(i),) for i in photo_ids])
+        self.db.executemany("INSERT INTO labels (photo_id, rank, label, prob) VALUES (?,?,?,?)",
+                            [(int(i), r, lab, p) for i, tags in zip(photo_ids, labels) for r, (lab, p) in enumerate(tags)])
+        self.dirty = True
+
+    def unlabelled(self) -> set[int]:
+        """Indexed photos with no class tags."""
+        return {i for (i,) in self.db.execute(
+            "SELECT id FROM photos WHERE status='indexed' AND id NOT IN (SELECT photo_id FROM labels)")}
+
     def record_failure(self, photo_id: int, path: str, size: int, mtime_ns: int, hash_: str | None, error: str) -> None:
+        self.db.execute("DELETE FROM labels WHERE photo_id=?", (photo_id,))
         self._remove_vectors([photo_id])
         self._upsert(photo_id, path, size, mtime_ns, hash_, None, None, "failed", error)
 
@@ -388,6 +411,7 @@ class Writer:
             return
         self._remove_vectors(ids)
         self.db.executemany("DELETE FROM photos WHERE id=?", [(i,) for i in ids])
+        self.db.executemany("DELETE FROM labels WHERE photo_id=?", [(i,) for i in ids])
         self.dirty = True
 
     # -- vectors

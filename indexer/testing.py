@@ -43,3 +43,22 @@ def _save_dinov2_processor(out: Path) -> None:
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True,
     }
     (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=1))
+
+
+def save_random_classifier(out: str | Path, labels: list[str], *, seed: int = 0) -> Path:
+    """A tiny ViT image classifier with random weights and the given labels, saved like a hub model."""
+    import json
+
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=224,
+                    patch_size=16, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                    label2id={lab: i for i, lab in enumerate(labels)})
+    out = Path(out)
+    ViTForImageClassification(cfg).save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "ViTImageProcessor", "size": {"height": 224, "width": 224},
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_normalize": True, "do_resize": True}))
+    return out

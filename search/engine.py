@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,34 @@ class Engine:
         rows = self.db.execute(f"SELECT id, path FROM photos WHERE id IN ({q})", [int(i) for i in photo_ids])
         return {i: os.fsdecode(p) for i, p in rows}
 
+    def _labels_query(self, sql: str, args: list) -> list[tuple]:
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError:  # a catalog from before class tags existed
+            return []
+
+    def photos_with_label(self, label: str) -> set[int]:
+        """Photos with ``label`` among their class tags (case-insensitive)."""
+        return {i for (i,) in self._labels_query("SELECT DISTINCT photo_id FROM labels WHERE label = ? COLLATE NOCASE", [label])}
+
+    def labels_of(self, photo_ids: list[int]) -> dict[int, list[tuple[str, float]]]:
+        q = ",".join("?" * len(photo_ids))
+        out: dict[int, list[tuple[str, float]]] = {}
+        for i, lab, p in self._labels_query(f"SELECT photo_id, label, prob FROM labels WHERE photo_id IN ({q}) ORDER BY photo_id, rank",
+                                            [int(i) for i in photo_ids]):
+            out.setdefault(i, []).append((lab, p))
+        return out
+
+    def label_counts(self, limit: int = 50) -> list[tuple[str, int]]:
+        """Most frequent top-1 tags: (label, photos)."""
+        return self._labels_query("SELECT label, count(*) AS n FROM labels WHERE rank = 0 GROUP BY label ORDER BY n DESC, label LIMIT ?", [limit])
+
+    def _allowed(self, allowed: set[int] | None, label: str | None) -> set[int] | None:
+        if label is None:
+            return allowed
+        tagged = self.photos_with_label(label)
+        return tagged if allowed is None else tagged & allowed
+
     def photo_size(self, photo_ids: list[int]) -> dict[int, tuple[int, int]]:
         if not photo_ids:
             return {}
@@ -195,7 +224,7 @@ class Engine:
     def region(
         self, query: Query, k: int = 10, *, box: tuple[float, float, float, float] | None = None,
         mask: np.ndarray | None = None, allowed: set[int] | None = None, candidates: int | None = None,
-        patch_k: int = 64,
+        patch_k: int = 64, label: str | None = None,
     ) -> list[Hit]:
         """Photos that contain a region of the query photo, each with where it matched.
 
@@ -216,7 +245,8 @@ class Engine:
         else:
             qmask = np.ones((grid, grid), bool)
         xq = np.ascontiguousarray(patches[qmask], dtype=np.float32)
-        return self.region_by_vectors(xq, k, qcells=np.flatnonzero(qmask), allowed=allowed, candidates=candidates, patch_k=patch_k)
+        return self.region_by_vectors(xq, k, qcells=np.flatnonzero(qmask), allowed=self._allowed(allowed, label),
+                                      candidates=candidates, patch_k=patch_k)
 
     def region_by_vectors(
         self, xq: np.ndarray, k: int = 10, *, qcells: np.ndarray | None = None, allowed: set[int] | None = None,
@@ -320,8 +350,9 @@ class Engine:
         out.sort(key=lambda c: -c.size)
         return out
 
-    def similar(self, query: Query, k: int = 10, *, allowed: set[int] | None = None) -> list[Hit]:
-        """Photos most like the query (cosine on CLS), best first; ``allowed`` restricts the candidates."""
+    def similar(self, query: Query, k: int = 10, *, allowed: set[int] | None = None, label: str | None = None) -> list[Hit]:
+        """Photos most like the query (cosine on CLS), best first; ``allowed`` / ``label`` restrict the candidates."""
+        allowed = self._allowed(allowed, label)
         xq = np.ascontiguousarray(self.embed_query(query)[None], dtype=np.float32)
         n = len(self)
         if k <= 0 or n == 0:
