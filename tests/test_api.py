@@ -190,3 +190,24 @@ def test_model_mismatch_is_409_and_empty_index_503(photos, embedder, tmp_path):
     with TestClient(create_app(Settings(index=tmp_path / "new", device="cpu"))) as client:
         r = client.get("/stats")
         assert r.status_code == 503 and "add photos first" in r.json()["detail"]
+
+
+def test_label_filter_and_labels_route(photos, embedder, tmp_path):
+    import torch
+
+    from indexer.classifier import Classifier, ClassifierConfig
+    from indexer.testing import save_random_classifier
+
+    clf = Classifier(ClassifierConfig(model=str(save_random_classifier(tmp_path / "vit", ["cat", "dog", "boat"]))),
+                     device=torch.device("cpu"))
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False), classifier=clf)
+    with TestClient(create_app(Settings(index=idx, device="cpu"))) as client:
+        counts = client.get("/labels").json()
+        assert sum(c["photos"] for c in counts) == 48 and {c["label"] for c in counts} <= {"cat", "dog", "boat"}
+        label = counts[0]["label"]
+        r = client.get("/photos/1/similar", params={"k": 48, "label": label}).json()["results"]
+        tagged = {i for (i,) in client.app.state.service.engine.db.execute(
+            "SELECT photo_id FROM labels WHERE label=?", (label,))}
+        assert r and {x["id"] for x in r} == tagged
+        assert client.get("/photos/1/similar", params={"label": "x" * 201}).status_code == 422

@@ -64,6 +64,7 @@ async function setPhoto(id) {
 function params() {
   const p = new URLSearchParams({ k: $("k").value || "12" });
   if (state.box) p.set("box", state.box.map(Math.round).join(","));
+  if ($("label").value) p.set("label", $("label").value);
   return p;
 }
 
@@ -163,6 +164,7 @@ $("controls").addEventListener("submit", (ev) => {
   } else state.box = null;
   draw(); search();
 });
+$("label").addEventListener("change", () => search());
 $("clear").addEventListener("click", () => { state.box = null; $("box").value = ""; draw(); search(); });
 $("show-parts").addEventListener("change", () => { if ($("show-parts").checked) loadParts(); else draw(); });
 $("parts-k").addEventListener("change", () => { if ($("show-parts").checked) loadParts(); });
@@ -196,6 +198,10 @@ async function loadStats() {
   try {
     const s = await api("/stats");
     $("stats").textContent = `${s.photos_indexed} photos · ${s.model.split("/").pop()} · ${s.precision}`;
+    const sel = $("label"), keep = sel.value;
+    sel.replaceChildren(new Option("any", ""));
+    for (const t of await api("/labels?limit=200")) sel.append(new Option(`${t.label} (${t.photos})`, t.label));
+    sel.value = keep;
   } catch (e) { $("stats").textContent = e.message; }
 }
 loadStats();
