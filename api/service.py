@@ -107,7 +107,7 @@ class Service:
                 job.done, job.total = done, total
 
             try:
-                cfg = IndexConfig(workers=self.settings.workers, progress=False, commit_every=200)
+                cfg = IndexConfig(workers=self.settings.workers, progress=False, commit_every=self.settings.commit_every)
                 stats = index_folder(job.folder, self.settings.index, self.embedder(), cfg,
                                      on_commit=lambda _s: self.refresh(), on_progress=progress)
                 job.indexed, job.failed, job.state = stats.indexed, stats.failed, "done"

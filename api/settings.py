@@ -17,6 +17,7 @@ class Settings:
     model: str | None = None  # None: the index's model
     device: str = "auto"
     workers: int = 1  # decode processes of index jobs
+    commit_every: int = 200  # photos between a job's commits: searches see new photos this often
 
     def __post_init__(self) -> None:
         if self.token is not None and len(self.token) < 16:

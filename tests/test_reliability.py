@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import REPO
 from fastapi.testclient import TestClient
-from test_index import assert_consistent
+from test_index import assert_consistent, catalog_rows
 
 from api.app import create_app
 from api.settings import Settings
@@ -141,3 +141,73 @@ def test_disk_full_leaves_the_last_snapshot_intact(photos, tiny_model, tmp_path)
     p = cli("index", str(half), "--index", str(idx), "-q")  # resumes once there is room
     assert p.returncode == 0 and "38 indexed" in p.stdout
     assert verify(idx).ok
+
+
+def test_server_killed_during_an_index_job_resumes_cleanly(tiny_model, tmp_path):
+    """SIGKILL the server while its job indexes a folder; a new server's job finishes it like one clean run."""
+    import time
+    import urllib.request
+
+    from conftest import sample_photos
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in sample_photos(5):
+        shutil.copy(p, folder / p.name)
+    clean = tmp_path / "clean"
+    assert cli("index", str(folder), "--index", str(clean), "--model", str(tiny_model), "-q").returncode == 0
+    idx = tmp_path / "idx"
+    token = "kill-test-token-0123456789abcdef"
+    env = {**ENV, "DINOSEARCH_TOKEN": token}
+
+    def serve(port: int) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", str(idx), "--port", str(port), "--model", str(tiny_model),
+                              "--device", "cpu", "--workers", "1", "--commit-every", "16"], env=env, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                return p
+            except OSError:
+                assert time.time() < deadline and p.poll() is None, "server did not start"
+                time.sleep(0.2)
+
+    def add(port: int) -> int:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/index/jobs", data=json.dumps({"folder": str(folder)}).encode(),
+                                     headers={"content-type": "application/json", "authorization": f"Bearer {token}"})
+        return json.load(urllib.request.urlopen(req))["id"]
+
+    def job(port: int, jid: int) -> dict:
+        return json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/index/jobs/{jid}"))
+
+    port = free_port()
+    server = serve(port)
+    jid = add(port)
+    while job(port, jid)["done"] < 40:  # well into the job, past its first commits (every 16 photos)
+        time.sleep(0.05)
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    assert verify(idx).ok and 0 < len(catalog_rows(idx)) < len(catalog_rows(clean))  # committed part, whole
+    port = free_port()
+    server = serve(port)
+    try:
+        jid = add(port)
+        deadline = time.time() + 300
+        while (j := job(port, jid))["state"] not in ("done", "failed"):
+            assert time.time() < deadline
+            time.sleep(0.2)
+        assert j["state"] == "done", j
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert verify(idx).ok
+    assert catalog_rows(idx) == catalog_rows(clean)
+    assert_consistent(idx)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
