@@ -55,10 +55,14 @@ class Service:
                 _ = self.engine  # load the model now, once, and check it against the manifest
             except DinosearchError as e:  # e.g. a model mismatch: every request says so (409), the server stays up
                 log.error("%s", e)
-        self._worker.start()
+        if not self._worker.is_alive():  # idempotent: a lifespan may run more than once per app
+            self._worker = threading.Thread(target=self._run_jobs, name="index-jobs", daemon=True)
+            self._worker.start()
 
     def stop(self) -> None:
-        self._queue.put(None)
+        if self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join(timeout=5)
 
     # -- engine
 
