@@ -182,7 +182,11 @@ def make_index(kind: str, dim: int, train: np.ndarray | None) -> faiss.Index:
         if ivf is not None and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
             # faiss-gpu: train the coarse k-means on the GPUs; the index itself stays a CPU index on disk
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
-        inner.train(np.ascontiguousarray(train, dtype=np.float32))
+        try:
+            inner.train(np.ascontiguousarray(train, dtype=np.float32))
+        except RuntimeError as e:
+            raise ConfigError(f"cannot train index kind {kind!r} on {len(train)} vectors ({str(e).strip().splitlines()[-1][:160]}); "
+                              f"use a smaller IVF list count, or leave the kind to dinosearch") from None
     if isinstance(inner, faiss.IndexIVF):
         inner.nprobe = min(inner.nlist, 32)
         return inner  # IVF carries ids itself

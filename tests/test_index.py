@@ -242,3 +242,12 @@ def assert_consistent_ivf(idx, n: int) -> None:
     g, p = index_ids(snap.global_index()), index_ids(snap.patch_index())
     assert len(g) == len(set(g.tolist())) == n
     assert len(p) == len(set(p.tolist())) == n * 256 and set((p // 256).tolist()) == set(g.tolist())
+
+
+def test_an_untrainable_forced_kind_is_a_clear_error_and_loses_nothing(photos, embedder, tmp_path):
+    from indexer.errors import ConfigError
+
+    idx = tmp_path / "idx"
+    with pytest.raises(ConfigError, match="cannot train index kind 'IVF4096,Flat' on 48 vectors"):
+        index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False, global_kind="IVF4096,Flat"))
+    assert not (idx / "CURRENT").exists() and not list(idx.glob("snap-*"))
