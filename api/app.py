@@ -6,6 +6,7 @@ here: FastAPI must see the Annotated aliases built inside create_app.)
 """
 
 
+import asyncio
 import hmac
 import io
 import logging
@@ -54,10 +55,11 @@ def _status(e: DinosearchError) -> int:
 
 
 class BodyLimit:
-    """Refuse a request body over ``limit`` bytes before it is read: by its Content-Length, or while it streams."""
+    """Refuse a request body over ``limit`` bytes before it is read (by its Content-Length, or while it streams),
+    and one that stalls for ``timeout`` seconds (an abandoned or trickled upload does not hold the server)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float = 30.0):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -70,7 +72,10 @@ class BodyLimit:
 
         async def limited_receive():
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                raise HTTPException(408, f"upload stalled: no data for {self.timeout:g} s") from None
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 raise HTTPException(413, f"request too large: over {self.limit} bytes")
@@ -91,7 +96,8 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     app = FastAPI(title="dinosearch", version="0.1.0", lifespan=lifespan,
                   description="Image similarity search on DINOv2 features: whole photos, regions, parts.")
     app.state.service = svc
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024)  # + multipart framing
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024,  # + multipart framing
+                       timeout=settings.upload_timeout)
 
     @app.exception_handler(DinosearchError)
     async def dinosearch_error(request: Request, e: DinosearchError) -> JSONResponse:

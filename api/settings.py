@@ -12,6 +12,7 @@ class Settings:
     index: Path
     token: str | None = field(default_factory=lambda: os.environ.get("DINOSEARCH_TOKEN") or None)
     max_upload_bytes: int = 32 * 2**20
+    upload_timeout: float = 30.0  # seconds an upload may stall before it is dropped (408)
     max_pixels: int = 150_000_000
     max_k: int = 1000
     model: str | None = None  # None: the index's model

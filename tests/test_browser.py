@@ -1,4 +1,5 @@
-"""The web page in a real browser: Debian's headless chromium driven by Playwright against a live server.
+"""Against a live server on loopback: the web page in a real browser (Debian's headless chromium driven by
+Playwright), and raw-socket behaviour.
 
 Screenshots of each state go to test-artifacts/.
 """
@@ -112,3 +113,37 @@ def test_upload_then_draw_a_box(server):
         page.set_input_files("#file", str(bad))
         page.wait_for_function("document.getElementById('message').textContent.includes('not an image')")
         browser.close()
+
+
+def test_a_stalled_upload_gets_408_and_does_not_hold_the_server(photos, embedder, tiny_model, tmp_path):
+    """Over a real socket: half an upload, then silence. Others are served meanwhile; the stalled one is dropped."""
+    import urllib.request
+
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
+    app = create_app(Settings(index=idx, model=str(tiny_model), device="cpu", workers=0, upload_timeout=2.0))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        for s in stalled:
+            s.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                      b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n\r\n\xff\xd8")
+        t0 = time.time()
+        for _ in range(5):  # answered while 8 uploads hang
+            assert urllib.request.urlopen(f"http://127.0.0.1:{port}/photos/1/similar?k=3", timeout=5).status == 200
+        assert time.time() - t0 < 2
+        for s in stalled:
+            s.settimeout(10)
+            reply = ""
+            while "stalled" not in reply and (chunk := s.recv(4096)):
+                reply += chunk.decode(errors="replace")
+            assert reply.startswith("HTTP/1.1 408") and "stalled" in reply, reply[:200]
+            s.close()
+    finally:
+        srv.should_exit = True
+        t.join(10)

@@ -211,3 +211,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_file_deleted_between_scan_and_decode_is_recorded_then_forgotten(photos, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    files = sorted(photos.rglob("*.jpg"))
+    victim = files[-1]
+
+    def delete_after_the_first(done: int, total: int) -> None:
+        if done == 1 and victim.exists():
+            victim.unlink()  # scanned already, decoded later (decoding is lazy and in order with workers=0)
+
+    stats = index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False), on_progress=delete_after_the_first)
+    assert stats.failures == [(str(victim), "file vanished before it could be read")]
+    assert stats.indexed == len(files) - 1 and verify(idx).ok
+    stats = index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
+    assert stats.deleted == 1 and stats.indexed == 0
+    assert len(catalog_rows(idx)) == len(files) - 1
