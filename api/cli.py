@@ -270,7 +270,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"dinosearch: warning: serving on {args.host} without DINOSEARCH_TOKEN: write routes are disabled, "
               "read routes are open to the network", file=sys.stderr)
     settings = Settings(index=Path(args.index).expanduser(), model=args.model, device=args.device, workers=args.workers,
-                        max_upload_bytes=args.max_upload_mb * 2**20, commit_every=args.commit_every)
+                        max_upload_bytes=args.max_upload_mb * 2**20, commit_every=args.commit_every,
+                        upload_timeout=args.upload_timeout)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -392,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=1, help="decode processes of index jobs")
     q.add_argument("--max-upload-mb", type=int, default=32, help="largest accepted upload (default 32 MiB)")
     q.add_argument("--commit-every", type=int, default=200, help="photos between an index job's commits (default 200)")
+    q.add_argument("--upload-timeout", type=float, default=30.0, help="seconds an upload may stall before it is dropped (default 30)")
     q.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("classify", help="top labels of a photo by the index's classifier",
