@@ -9,13 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
-from conftest import REPO
+from conftest import REPO, live_server
 
 from api.app import create_app
 from api.settings import Settings
@@ -27,12 +25,6 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(photos, embedder, tiny_model, tmp_path):
     if not Path(CHROMIUM).exists():
@@ -42,17 +34,8 @@ def server(photos, embedder, tiny_model, tmp_path):
     idx = tmp_path / "idx"
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
     app = create_app(Settings(index=idx, model=str(tiny_model), device="cpu", workers=0))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and t.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", photos
-    srv.should_exit = True
-    t.join(10)
+    with live_server(app) as (url, _):
+        yield url, photos
 
 
 def test_upload_then_draw_a_box(server):
@@ -122,13 +105,7 @@ def test_a_stalled_upload_gets_408_and_does_not_hold_the_server(photos, embedder
     idx = tmp_path / "idx"
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
     app = create_app(Settings(index=idx, model=str(tiny_model), device="cpu", workers=0, upload_timeout=2.0))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:
-        time.sleep(0.05)
-    try:
+    with live_server(app) as (_, port):
         stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
         for s in stalled:
             s.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
@@ -144,6 +121,3 @@ def test_a_stalled_upload_gets_408_and_does_not_hold_the_server(photos, embedder
                 reply += chunk.decode(errors="replace")
             assert reply.startswith("HTTP/1.1 408") and "stalled" in reply, reply[:200]
             s.close()
-    finally:
-        srv.should_exit = True
-        t.join(10)

@@ -6,14 +6,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
-import uvicorn
-from conftest import sample_photos
-from test_browser import _free_port
+from conftest import live_server, sample_photos
 
 from api.app import create_app
 from api.settings import Settings
@@ -31,19 +27,10 @@ def test_no_generated_input_gives_a_server_error(embedder, tiny_model, tmp_path)
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
     # a token is set but not sent: write routes must refuse, never crash (and never index '/')
     app = create_app(Settings(index=idx, model=str(tiny_model), token="fuzz-token-0123456789abcdef", device="cpu", workers=0))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:
-        time.sleep(0.05)
-    try:
-        p = subprocess.run([str(ST), "run", f"http://127.0.0.1:{port}/openapi.json", "--checks", "not_a_server_error",
+    with live_server(app) as (url, _):
+        p = subprocess.run([str(ST), "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
                             "--max-examples", "25", "--workers", "1", "--no-color"],
                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
         assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
         assert "Tested: 14" in p.stdout and " 0 passed" not in p.stdout  # every operation was exercised
-        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200
-    finally:
-        srv.should_exit = True
-        t.join(10)
+        assert urllib.request.urlopen(f"{url}/health").status == 200

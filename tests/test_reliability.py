@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port
 from fastapi.testclient import TestClient
 from test_index import assert_consistent, catalog_rows
 
@@ -203,14 +203,6 @@ def test_server_killed_during_an_index_job_resumes_cleanly(tiny_model, tmp_path)
     assert verify(idx).ok
     assert catalog_rows(idx) == catalog_rows(clean)
     assert_consistent(idx)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_file_deleted_between_scan_and_decode_is_recorded_then_forgotten(photos, embedder, tmp_path):
