@@ -155,9 +155,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
             parts = engine.parts(query, parts_k)
             hits, size, mode = engine.region(query, k, mask=parts.labels == part, label=label), parts.size, "region"
         elif b is not None:
-            hits = engine.region(query, k, box=b, label=label)
-            mode = "region"
-            size = engine.query_patches(query)[1] if isinstance(query, int) else None
+            hits, mode, size = engine.region(query, k, box=b, label=label), "region", None
         else:
             hits, mode, size = engine.similar(query, k, label=label), "global", None
         if size is None:
