@@ -25,6 +25,10 @@ EPILOG = """examples:
   dinosearch parts ~/photos.idx query.jpg --k 5 --out parts.png
   dinosearch parts ~/photos.idx --collection --k 64 --out parts/
   dinosearch search ~/photos.idx query.jpg --part 2 -k 10
+  dinosearch index ~/Photos --index ~/photos.idx --classify --objects
+  dinosearch search ~/photos.idx query.jpg --label "golden retriever" -k 10
+  dinosearch search ~/photos.idx query.jpg --objects -k 10
+  dinosearch search ~/photos.idx query.jpg --point 210,160 -k 10
   dinosearch info ~/photos.idx
 """
 
@@ -82,8 +86,22 @@ def _index(args: argparse.Namespace, pool) -> int:
 
         name = args.classifier or (Snapshot.open(idx).manifest.classifier if current_snapshot(idx) else None) or DEFAULT_CLASSIFIER
         classifier = Classifier(ClassifierConfig(model=name), device=embedder.device, precision=embedder.precision)
-    stats = index_folder(args.folder, idx, embedder, cfg, pool=pool, classifier=classifier)
+    segmenter = None
+    if args.objects or args.sam_model:
+        from indexer.objects import DEFAULT_SEGMENTER, Segmenter, SegmenterConfig
+
+        # flags not given keep the index's own settings (else its objects would all be made anew)
+        old = (Snapshot.open(idx).manifest.segmenter if current_snapshot(idx) else None) or {}
+        given = {"model": args.sam_model, "points_per_side": args.sam_points, "max_masks": args.sam_max_masks,
+                 "min_iou": args.sam_min_iou, "min_stability": args.sam_min_stability, "min_area": args.sam_min_area,
+                 "nms_iou": args.sam_nms}
+        settings = {k: v for k, v in old.items() if k in SegmenterConfig.__dataclass_fields__} | {k: v for k, v in given.items() if v is not None}
+        segmenter = Segmenter(SegmenterConfig(**{"model": DEFAULT_SEGMENTER} | settings),
+                              device=embedder.device, precision=embedder.precision)
+    stats = index_folder(args.folder, idx, embedder, cfg, pool=pool, classifier=classifier, segmenter=segmenter)
     tagged = f", {stats.labelled} tagged" if classifier is not None else ""
+    if segmenter is not None:
+        tagged += f", {stats.objects} objects in {stats.segmented} photos"
     print(
         f"{stats.indexed} indexed{tagged}, {stats.touched} touched, {stats.unchanged} unchanged, {stats.deleted} deleted, "
         f"{stats.failed} failed in {stats.seconds:.1f}s ({stats.photos_per_second:.1f} photos/s) -> {idx}"
@@ -120,6 +138,14 @@ def _box(text: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
+def _point(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected x,y in pixels of the query photo, got {text!r}") from None
+    return x, y
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -128,7 +154,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     region = args.box is not None or args.mask is not None or args.part is not None
     if sum(x is not None for x in (args.box, args.mask, args.part)) > 1:
         raise DinosearchError("give one of --box, --mask, --part")
-    if not region:
+    objects = args.objects or args.point is not None
+    if objects and (args.mask is not None or args.part is not None):
+        raise DinosearchError("object search takes --point or --box, not --mask or --part")
+    if objects:
+        hits = engine.objects(query, args.k, point=args.point, box=args.box, label=args.label)
+    elif not region:
         hits = engine.similar(query, args.k, label=args.label)
     else:
         mask = None
@@ -143,7 +174,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             mask = parts.labels == args.part
         hits = engine.region(query, args.k, box=args.box, mask=mask, label=args.label)
     if args.json:
-        rows = [{"id": h.photo_id, "path": shown(h.path), "score": round(h.score, 6)} | ({"box": list(h.box)} if h.box else {}) for h in hits]
+        rows = [{"id": h.photo_id, "path": shown(h.path), "score": round(h.score, 6)} | ({"box": list(h.box)} if h.box else {})
+                | ({"object": h.object_id, "mask": h.mask} if h.object_id is not None else {}) for h in hits]
         print(json.dumps(rows, indent=1))
     else:
         for rank, h in enumerate(hits, 1):
@@ -158,6 +190,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             img = load_photo(h.path)
             if h.heat is not None:
                 img = draw_box(heat_overlay(img, h.heat), h.box)
+            elif h.box is not None:
+                img = draw_box(img, h.box)
             img.save(out / f"{rank:03d}_{Path(h.path).stem}.jpg", quality=90)
         print(f"drew {len(hits)} results in {out}")
     return 0
@@ -237,6 +271,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "patch_vectors": engine.snapshot.patch_index().ntotal, "patch_kind": m.patch_kind,
         "files": files, "format_version": m.format_version,
         "classifier": m.classifier, "tags": dict(engine.label_counts(20)),
+        "segmenter": (m.segmenter or {}).get("model"), "objects": engine.object_count(),
     }
     failed = [(shown(os.fsdecode(p)), e) for p, e in engine.db.execute("SELECT path, error FROM photos WHERE status='failed' ORDER BY path")]
     if args.json:
@@ -344,6 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--retry-failed", action="store_true", help="try again the files that failed before")
     q.add_argument("--classify", action="store_true", help="tag photos with an image classifier (also tags an existing index without re-embedding)")
     q.add_argument("--classifier", default=None, help="hub id or directory of any image-classification model (default google/vit-base-patch16-224)")
+    from indexer.objects import SegmenterConfig
+
+    sd = SegmenterConfig()
+    q.add_argument("--objects", action="store_true", help="find objects with SAM, embed each (also adds objects to an existing index)")
+    q.add_argument("--sam-model", default=None, help="hub id or directory of a SAM model (default facebook/sam-vit-base)")
+    q.add_argument("--sam-points", type=int, default=None, help=f"point grid per side (default {sd.points_per_side}: {sd.points_per_side**2} prompts a photo)")
+    q.add_argument("--sam-max-masks", type=int, default=None, help=f"objects kept per photo, best first (default {sd.max_masks}, at most 256)")
+    q.add_argument("--sam-min-iou", type=float, default=None, help=f"minimum SAM predicted IoU (default {sd.min_iou})")
+    q.add_argument("--sam-min-stability", type=float, default=None, help=f"minimum stability score (default {sd.min_stability})")
+    q.add_argument("--sam-min-area", type=float, default=None, help=f"minimum mask area, fraction of the photo (default {sd.min_area})")
+    q.add_argument("--sam-nms", type=float, default=None, help=f"box IoU above which a mask is a duplicate (default {sd.nms_iou})")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_index)
 
@@ -358,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mask", default=None, metavar="IMAGE", help="region search: a mask image the size of the query photo (white = region)")
     q.add_argument("--part", type=int, default=None, help="region search: part N of the query photo (see `dinosearch parts`)")
     q.add_argument("--parts-k", type=int, default=5, help="how many parts --part splits the photo into (default 5)")
+    q.add_argument("--objects", action="store_true", help="object search: the query's main object (or the SAM mask of --box) "
+                   "against every indexed object (index with --objects)")
+    q.add_argument("--point", type=_point, default=None, metavar="X,Y", help="object search: SAM's mask at this click in the query photo")
     q.add_argument("--label", default=None, help="only photos with this class tag (see `dinosearch info`)")
     q.add_argument("--draw", default=None, metavar="DIR", help="save each result with its heat map and match box in DIR")
     q.add_argument("--json", action="store_true", help="print results as JSON")

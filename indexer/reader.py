@@ -54,6 +54,7 @@ class Decoded:
     width: int = 0  # oriented (EXIF-applied) size of the original photo
     height: int = 0
     pixels: np.ndarray | None = None  # uint8 [res, res, 3]
+    large: np.ndarray | None = None  # uint8 [h, w, 3], longest side <= DecodeJob.large_side (for SAM), if asked
     error: str | None = None
 
 
@@ -149,10 +150,26 @@ def to_pixels(img: Image.Image, resolution: int) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # a writable copy (torch refuses read-only arrays)
 
 
+def to_large(img: Image.Image, side: int) -> np.ndarray:
+    """The photo with its aspect kept and its longest side at most ``side``, uint8 [h, w, 3]."""
+    w, h = img.size
+    s = min(1.0, side / max(w, h))
+    if s < 1.0:
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.array(img, dtype=np.uint8)
+
+
 def decode_bytes(data: bytes, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
     """Image bytes -> (uint8 [res, res, 3], oriented original (width, height))."""
     img, size = open_photo(data, draft_size=resolution, max_pixels=max_pixels)
     return to_pixels(img, resolution), size
+
+
+def decode_both(data: bytes, resolution: int, large_side: int, max_pixels: int = DEFAULT_MAX_PIXELS
+                ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """One decode, two sizes: (uint8 [res, res, 3], uint8 [h, w, 3] with longest side <= large_side, (width, height))."""
+    img, size = open_photo(data, draft_size=max(resolution, large_side), max_pixels=max_pixels)
+    return to_pixels(img, resolution), to_large(img, large_side), size
 
 
 def read_file(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
@@ -175,6 +192,7 @@ class DecodeJob:
     resolution: int
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
+    large_side: int = 0  # > 0: also return the photo at this longest side (for SAM)
 
 
 def decode_file(info: FileInfo, job: DecodeJob) -> Decoded:
@@ -184,7 +202,10 @@ def decode_file(info: FileInfo, job: DecodeJob) -> Decoded:
         data = read_file(info.path, job.max_bytes)
         out.hash = content_hash(data)
         out.size = len(data)
-        out.pixels, (out.width, out.height) = decode_bytes(data, job.resolution, job.max_pixels)
+        if job.large_side:
+            out.pixels, out.large, (out.width, out.height) = decode_both(data, job.resolution, job.large_side, job.max_pixels)
+        else:
+            out.pixels, (out.width, out.height) = decode_bytes(data, job.resolution, job.max_pixels)
     except DecodeError as e:
         out.error = str(e)
     except FileNotFoundError:

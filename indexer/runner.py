@@ -21,6 +21,7 @@ import numpy as np
 
 from indexer.classifier import Classifier
 from indexer.embedder import Embedder
+from indexer.objects import Mask, Segmenter, crop_object, rle_encode
 from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Decoded, DecodeJob, FileInfo, decode_file, scan, warm_up
 from indexer.store import Manifest, Writer
 
@@ -56,6 +57,8 @@ class RunStats:
     failed: int = 0
     touched: int = 0  # same content, new mtime
     labelled: int = 0  # photos given class tags
+    segmented: int = 0  # photos SAM looked at
+    objects: int = 0  # objects stored
     commits: int = 0
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
@@ -106,6 +109,7 @@ def index_folder(
     pool: ProcessPoolExecutor | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     classifier: Classifier | None = None,
+    segmenter: Segmenter | None = None,
 ) -> RunStats:
     """Bring the index at ``index_dir`` up to date with the photos below ``root``.
 
@@ -113,6 +117,9 @@ def index_folder(
     loads) so the workers' start-up is hidden; it is shut down here either way.
     ``classifier`` tags every embedded photo from the same decoded pixels, and tags
     photos already in the index that have no tags yet (decoded again, not re-embedded).
+    ``segmenter`` finds SAM objects in the same photos (decoded once, at two sizes),
+    embeds each masked crop with the backbone and stores them in the object index;
+    photos already indexed but not yet segmented are segmented without re-embedding.
     """
 
     t0 = time.perf_counter()
@@ -121,13 +128,39 @@ def index_folder(
     if pool is None:
         pool = start_pool(config.workers)
     try:
-        return _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress, classifier)
+        return _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress, classifier, segmenter)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress, classifier) -> RunStats:
+def store_objects(embedder: Embedder, writer: Writer, photos: list[tuple[int, np.ndarray, int, int]],
+                  found: list[list[Mask]], batch: int = 16) -> int:
+    """Masks of photos (id, large pixels, width, height) -> neutral-background crops -> batched backbone
+    passes -> the writer's object index, boxes scaled to the photo's own pixels. Returns objects stored."""
+    crops = [crop_object(large, m.mask, embedder.config.resolution) for (_, large, _, _), ms in zip(photos, found) for m in ms]
+    vectors = np.concatenate([embedder.embed(np.stack(crops[i:i + batch])).cls for i in range(0, len(crops), batch)]) if crops else None
+    at = 0
+    for (photo_id, large, width, height), ms in zip(photos, found):
+        sx, sy = width / large.shape[1], height / large.shape[0]
+        objects = [((m.box[0] * sx, m.box[1] * sy, m.box[2] * sx, m.box[3] * sy), m.score, rle_encode(m.mask)) for m in ms]
+        writer.set_objects(photo_id, objects, vectors[at:at + len(ms)] if ms else np.zeros((0, writer.manifest.dim), np.float32))
+        at += len(ms)
+    return at
+
+
+def _segment(embedder: Embedder, segmenter: Segmenter, writer: Writer, stats: RunStats, batch: int,
+             photos: list[tuple[int, np.ndarray, int, int]]) -> None:
+    t = time.perf_counter()
+    found = [segmenter.automatic(large) for _, large, _, _ in photos]
+    t1 = time.perf_counter()
+    stats.objects += store_objects(embedder, writer, photos, found, batch)
+    stats.segmented += len(photos)
+    stats.stage_seconds["segment"] += t1 - t
+    stats.stage_seconds["embed_objects"] += time.perf_counter() - t1
+
+
+def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress, classifier, segmenter) -> RunStats:
     from tqdm import tqdm
 
     manifest = Manifest.for_embedder(embedder, global_kind=config.global_kind, patch_kind=config.patch_kind)
@@ -151,6 +184,13 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
                 writer.db.execute("DELETE FROM labels")  # another classifier's tags: every photo is tagged anew
             writer.manifest.classifier = classifier.config.model
             need_labels = writer.unlabelled()
+        need_objects: set[int] = set()
+        if segmenter is not None:
+            settings = segmenter.config.settings()
+            if writer.manifest.segmenter not in (None, settings):
+                writer.reset_objects()  # another SAM model or settings: every photo is segmented anew
+            writer.manifest.segmenter = settings
+            need_objects = writer.unsegmented()
         todo: list[FileInfo] = []
         for f in files:
             k = known.get(f.path)
@@ -158,8 +198,8 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
                 stats.new += 1
             elif (k[1], k[2]) == (f.size, f.mtime_ns) and (k[4] == "indexed" or not config.retry_failed):
                 stats.unchanged += 1
-                if k[0] in need_labels:
-                    todo.append(f)  # decoded again for its tags only
+                if k[0] in need_labels or k[0] in need_objects:
+                    todo.append(f)  # decoded again for its tags / objects only
                 continue
             else:
                 stats.changed += 1
@@ -170,12 +210,15 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
                 stats.failed += 1
                 stats.failures.append((path, reason))
 
-        job = DecodeJob(embedder.config.resolution, config.max_pixels, config.max_bytes)
+        job = DecodeJob(embedder.config.resolution, config.max_pixels, config.max_bytes,
+                        large_side=segmenter.side if segmenter is not None else 0)
         window = max(2 * config.batch_size, 4 * max(config.workers, 1))
         batch_rows: list[tuple] = []
         batch_pixels: list[np.ndarray] = []
+        batch_large: list[tuple[int, np.ndarray, int, int]] = []  # (id, large pixels, width, height) for SAM
         tag_ids: list[int] = []  # photos that only need tags
         tag_pixels: list[np.ndarray] = []
+        seg_only: list[tuple[int, np.ndarray, int, int]] = []  # photos that only need objects
         since_commit, last_commit = 0, time.monotonic()
 
         def tag(ids: list[int], pixels: np.ndarray) -> None:
@@ -189,6 +232,9 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
                 tag(list(tag_ids), np.stack(tag_pixels))
                 tag_ids.clear()
                 tag_pixels.clear()
+            if seg_only:
+                _segment(embedder, segmenter, writer, stats, config.batch_size, list(seg_only))
+                seg_only.clear()
             if not batch_rows:
                 return
             t = time.perf_counter()
@@ -200,6 +246,9 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
             stats.stage_seconds["write"] += time.perf_counter() - t1
             if classifier is not None:
                 tag([r[0] for r in batch_rows], px)
+            if segmenter is not None:
+                _segment(embedder, segmenter, writer, stats, config.batch_size, list(batch_large))
+                batch_large.clear()
             stats.indexed += len(batch_rows)
             batch_rows.clear()
             batch_pixels.clear()
@@ -238,11 +287,15 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
                 if photo_id in need_labels:
                     tag_ids.append(photo_id)
                     tag_pixels.append(d.pixels)
-                    if len(tag_ids) >= config.batch_size:
-                        flush()
+                if photo_id in need_objects:
+                    seg_only.append((photo_id, d.large, d.width, d.height))
+                if len(tag_ids) >= config.batch_size or len(seg_only) >= config.batch_size:
+                    flush()
             else:
                 batch_rows.append((photo_id, d.path, d.size, d.mtime_ns, d.hash, d.width, d.height))
                 batch_pixels.append(d.pixels)
+                if segmenter is not None:
+                    batch_large.append((photo_id, d.large, d.width, d.height))
                 if len(batch_rows) >= config.batch_size:
                     flush()
             since_commit += 1

@@ -7,6 +7,7 @@
         catalog.sqlite       photos: path, size, mtime, hash, size, status, error
         global.faiss         CLS vectors, id = photo id
         patches.faiss        patch vectors, id = photo id * h*w + row*w + col
+        objects.faiss        SAM object crops' CLS vectors, id = photo id * 256 + rank (catalog table objects)
 
 A commit writes a new snapshot beside the old one (``snap-N.tmp``), fsyncs it,
 renames it and then switches CURRENT; a reader that resolved CURRENT earlier
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 GLOBAL_FILE, PATCH_FILE, CATALOG_FILE, MANIFEST_FILE = "global.faiss", "patches.faiss", "catalog.sqlite", "manifest.json"
+OBJECT_FILE = "objects.faiss"
+MAX_OBJECTS = 256  # per photo; object id = photo id * MAX_OBJECTS + rank
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS photos (
@@ -65,6 +68,17 @@ CREATE TABLE IF NOT EXISTS labels (         -- class tags: the classifier's top-
     PRIMARY KEY (photo_id, rank)
 );
 CREATE INDEX IF NOT EXISTS labels_label ON labels(label);
+CREATE TABLE IF NOT EXISTS objects (        -- SAM objects; the vector of each is in objects.faiss under its id
+    id        INTEGER PRIMARY KEY,          -- photo id * 256 + rank (best first)
+    photo_id  INTEGER NOT NULL,
+    x0 REAL NOT NULL, y0 REAL NOT NULL, x1 REAL NOT NULL, y1 REAL NOT NULL,  -- box in the photo's own pixels
+    score     REAL NOT NULL,                -- SAM's predicted IoU
+    mask      TEXT NOT NULL                 -- COCO-style RLE (JSON) at the size SAM's masks were made
+);
+CREATE INDEX IF NOT EXISTS objects_photo ON objects(photo_id);
+CREATE TABLE IF NOT EXISTS segmented (      -- photos SAM has looked at (also those where it found nothing)
+    photo_id  INTEGER PRIMARY KEY
+);
 """
 
 
@@ -89,7 +103,9 @@ class Manifest:
     kinds_forced: tuple[str | None, str | None] = (None, None)
     next_id: int = 1
     files: dict[str, dict[str, int | str]] = field(default_factory=dict)
-    classifier: str | None = None  # the model that made the labels, if any  # name -> size, blake2b of the snapshot's files
+    classifier: str | None = None  # the model that made the labels, if any
+    segmenter: dict | None = None  # the SAM model and settings that made the objects, if any
+    object_kind: str = "Flat"
     format_version: int = FORMAT_VERSION
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
@@ -299,6 +315,12 @@ class Snapshot:
     def patch_index(self) -> faiss.Index:
         return read_index(self.path / PATCH_FILE)
 
+    def object_index(self) -> faiss.Index:
+        """SAM objects' vectors (an empty index for snapshots written before objects existed)."""
+        if not (self.path / OBJECT_FILE).is_file():
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(self.manifest.dim))
+        return read_index(self.path / OBJECT_FILE)
+
 
 class Writer:
     """The single writer of an index directory: catalog + indexes in memory, committed as snapshots."""
@@ -320,6 +342,7 @@ class Writer:
             self.db.executescript(SCHEMA)
             self.global_index: faiss.Index | None = None
             self.patch_index: faiss.Index | None = None
+            self.object_index: faiss.Index | None = None
         else:
             old = Snapshot(snap, Manifest.load(snap / MANIFEST_FILE))
             src = old.catalog()
@@ -329,8 +352,11 @@ class Writer:
             self.manifest = old.manifest
             self.global_index = old.global_index()
             self.patch_index = old.patch_index()
+            self.object_index = old.object_index()
             if self.global_index.ntotal == 0:  # built on the first add, with its chosen kind
                 self.global_index = self.patch_index = None
+            if self.object_index.ntotal == 0:
+                self.object_index = None
         self.dirty = False
 
     # -- lifecycle
@@ -391,8 +417,53 @@ class Writer:
         return {i for (i,) in self.db.execute(
             "SELECT id FROM photos WHERE status='indexed' AND id NOT IN (SELECT photo_id FROM labels)")}
 
+    # -- objects
+
+    def set_objects(self, photo_id: int, objects: list[tuple[tuple[float, float, float, float], float, dict]],
+                    vectors: np.ndarray) -> None:
+        """Replace a photo's SAM objects: (box in photo pixels, score, RLE mask) each, best first, with their vectors."""
+        objects = objects[:MAX_OBJECTS]
+        self._remove_objects([photo_id])
+        ids = np.arange(len(objects), dtype=np.int64) + int(photo_id) * MAX_OBJECTS
+        if len(objects):
+            vectors = np.ascontiguousarray(vectors[: len(objects)], dtype=np.float32)
+            if self.object_index is None:
+                kind = self.manifest.object_kind
+                self.manifest.object_kind = kind = "Flat" if kind.startswith("IVF") else kind
+                self.object_index = make_index(kind, self.manifest.dim, vectors)
+            self.object_index.add_with_ids(vectors, ids)
+            self.db.executemany(
+                "INSERT INTO objects (id, photo_id, x0, y0, x1, y1, score, mask) VALUES (?,?,?,?,?,?,?,?)",
+                [(int(i), int(photo_id), *map(float, box), float(score), json.dumps(rle, separators=(",", ":")))
+                 for i, (box, score, rle) in zip(ids, objects)])
+        self.db.execute("INSERT OR REPLACE INTO segmented (photo_id) VALUES (?)", (int(photo_id),))
+        self.dirty = True
+
+    def unsegmented(self) -> set[int]:
+        """Indexed photos SAM has not looked at yet."""
+        return {i for (i,) in self.db.execute(
+            "SELECT id FROM photos WHERE status='indexed' AND id NOT IN (SELECT photo_id FROM segmented)")}
+
+    def reset_objects(self) -> None:
+        """Forget every object (another SAM model or settings: all photos are segmented anew)."""
+        self.db.execute("DELETE FROM objects")
+        self.db.execute("DELETE FROM segmented")
+        self.object_index = None
+        self.dirty = True
+
+    def _remove_objects(self, photo_ids: list[int]) -> None:
+        if not photo_ids:
+            return
+        q = ",".join("?" * len(photo_ids))
+        ids = [i for (i,) in self.db.execute(f"SELECT id FROM objects WHERE photo_id IN ({q})", [int(i) for i in photo_ids])]
+        self.db.execute(f"DELETE FROM objects WHERE photo_id IN ({q})", [int(i) for i in photo_ids])
+        self.db.execute(f"DELETE FROM segmented WHERE photo_id IN ({q})", [int(i) for i in photo_ids])
+        if ids and self.object_index is not None:
+            self.object_index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64)))
+
     def record_failure(self, photo_id: int, path: str, size: int, mtime_ns: int, hash_: str | None, error: str) -> None:
         self.db.execute("DELETE FROM labels WHERE photo_id=?", (photo_id,))
+        self._remove_objects([photo_id])
         self._remove_vectors([photo_id])
         self._upsert(photo_id, path, size, mtime_ns, hash_, None, None, "failed", error)
 
@@ -414,6 +485,8 @@ class Writer:
         if not ids:
             return
         self._remove_vectors(ids)
+        for i in range(0, len(ids), 500):
+            self._remove_objects(ids[i:i + 500])
         self.db.executemany("DELETE FROM photos WHERE id=?", [(i,) for i in ids])
         self.db.executemany("DELETE FROM labels WHERE photo_id=?", [(i,) for i in ids])
         self.dirty = True
@@ -446,6 +519,7 @@ class Writer:
         q = ",".join("?" * b)
         replaced = [i for (i,) in self.db.execute(f"SELECT id FROM photos WHERE status='indexed' AND id IN ({q})", ids.tolist())]
         self._remove_vectors(replaced)  # only changed photos: a removal scans the whole index
+        self._remove_objects(replaced)  # a changed photo's objects are made again (or stay gone without --objects)
         self.global_index.add_with_ids(np.ascontiguousarray(cls, dtype=np.float32), ids)
         self.patch_index.add_with_ids(flat, self._patch_ids(ids))
         for r in rows:
@@ -454,12 +528,14 @@ class Writer:
     def _refit_kinds(self) -> None:
         """Rebuild an index whose size has outgrown its kind, or that is not yet of its forced kind."""
         m = self.manifest
-        for attr, patches, forced in (("global_index", False, m.kinds_forced[0]), ("patch_index", True, m.kinds_forced[1])):
+        for attr, patches, forced, field_ in (("global_index", False, m.kinds_forced[0], "global_kind"),
+                                              ("patch_index", True, m.kinds_forced[1], "patch_kind"),
+                                              ("object_index", False, None, "object_kind")):
             index = getattr(self, attr)
             if index is None or index.ntotal == 0:
                 continue
             kind = forced or choose_kind(index.ntotal, m.dim, patches=patches)
-            current = m.patch_kind if patches else m.global_kind
+            current = getattr(m, field_)
             if kind == current or (not forced and _family(kind) == _family(current)):  # a trained IVF keeps its nlist
                 continue
             log.info("rebuilding %s: %d vectors, %s -> %s", attr, index.ntotal, current, kind)
@@ -468,10 +544,7 @@ class Writer:
             new = make_index(kind, m.dim, sample)
             new.add_with_ids(xb, ids)
             setattr(self, attr, new)
-            if patches:
-                m.patch_kind = kind
-            else:
-                m.global_kind = kind
+            setattr(m, field_, kind)
 
     # -- commit
 
@@ -482,13 +555,14 @@ class Writer:
         empty = faiss.IndexIDMap2(faiss.IndexFlatIP(self.manifest.dim))  # nothing indexed yet
         faiss.write_index(self.global_index or empty, str(tmp / GLOBAL_FILE))
         faiss.write_index(self.patch_index or empty, str(tmp / PATCH_FILE))
+        faiss.write_index(self.object_index or empty, str(tmp / OBJECT_FILE))
         dst = sqlite3.connect(tmp / CATALOG_FILE)
         self.db.commit()
         self.db.backup(dst)
         dst.close()
-        self.manifest.files = {f: file_digest(tmp / f) for f in (GLOBAL_FILE, PATCH_FILE, CATALOG_FILE)}
+        self.manifest.files = {f: file_digest(tmp / f) for f in (GLOBAL_FILE, PATCH_FILE, OBJECT_FILE, CATALOG_FILE)}
         (tmp / MANIFEST_FILE).write_text(self.manifest.to_json())
-        for f in (GLOBAL_FILE, PATCH_FILE, CATALOG_FILE, MANIFEST_FILE):
+        for f in (GLOBAL_FILE, PATCH_FILE, OBJECT_FILE, CATALOG_FILE, MANIFEST_FILE):
             _fsync_file(tmp / f)
         _fsync_dir(tmp)
         final = self.root / name

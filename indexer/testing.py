@@ -62,3 +62,35 @@ def save_random_classifier(out: str | Path, labels: list[str], *, seed: int = 0)
         "image_processor_type": "ViTImageProcessor", "size": {"height": 224, "width": 224},
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_normalize": True, "do_resize": True}))
     return out
+
+
+SAM_ARCHITECTURES = {
+    # name: (vision hidden, layers, heads, global attention layers, prompt/decoder width)
+    "tiny": (32, 2, 2, (1,), 32),
+    "base": (768, 12, 12, (2, 5, 8, 11), 256),  # facebook/sam-vit-base
+}
+
+
+def save_random_sam(out: str | Path, arch: str = "tiny", *, seed: int = 0) -> Path:
+    """A SAM model with random weights and SAM's own preprocessing config, saved like a hub model."""
+    import json
+
+    import torch
+    from transformers import SamConfig, SamModel
+
+    hidden, layers, heads, global_attn, width = SAM_ARCHITECTURES[arch]
+    torch.manual_seed(seed)
+    cfg = SamConfig(
+        vision_config=dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, output_channels=width,
+                           global_attn_indexes=list(global_attn), num_pos_feats=width // 2, initializer_range=0.02),
+        prompt_encoder_config=dict(hidden_size=width),
+        mask_decoder_config=dict(hidden_size=width, iou_head_hidden_dim=width,
+                                 **({} if arch == "base" else dict(mlp_dim=64, num_attention_heads=2))),
+    )
+    out = Path(out)
+    SamModel(cfg).save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "SamImageProcessor", "do_resize": True, "size": {"longest_edge": 1024},
+        "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+        "do_pad": True, "pad_size": {"height": 1024, "width": 1024}, "mask_size": {"longest_edge": 256}}))
+    return out

@@ -16,7 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import IndexFormatError
-from indexer.store import CATALOG_FILE, GLOBAL_FILE, MANIFEST_FILE, PATCH_FILE, Manifest, file_digest, index_ids, read_index
+from indexer.store import (
+    CATALOG_FILE,
+    GLOBAL_FILE,
+    MANIFEST_FILE,
+    OBJECT_FILE,
+    PATCH_FILE,
+    Manifest,
+    file_digest,
+    index_ids,
+    read_index,
+)
 
 
 @dataclass
@@ -67,6 +77,8 @@ def _snapshot_problems(snap: Path) -> tuple[list[str], dict[str, int]]:
         if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             problems.append(f"{snap / CATALOG_FILE} fails SQLite's integrity check")
         rows = db.execute("SELECT id, status FROM photos").fetchall()
+        has_objects = db.execute("SELECT 1 FROM sqlite_master WHERE name='objects'").fetchone() is not None
+        object_rows = np.array(sorted(i for (i,) in db.execute("SELECT id FROM objects")) if has_objects else [], np.int64)
         db.close()
     except sqlite3.DatabaseError as e:
         return problems + [f"{snap / CATALOG_FILE} is not a readable catalog: {e}"], counts
@@ -102,6 +114,17 @@ def _snapshot_problems(snap: Path) -> tuple[list[str], dict[str, int]]:
                 f"{path} has {len(ids)} vectors for {len(photos)} photos; the catalog has {len(indexed)} indexed photos "
                 f"({len(missing)} without vectors, e.g. {missing[:3].tolist()}; {len(extra)} not in the catalog, e.g. {extra[:3].tolist()})"
             )
+    path = snap / OBJECT_FILE
+    if path.is_file():
+        why = _safe_to_read(path)
+        if why:
+            problems.append(why)
+        else:
+            ids = np.sort(index_ids(read_index(path)))
+            counts[OBJECT_FILE] = len(ids)
+            if not np.array_equal(ids, object_rows):
+                problems.append(f"{path} has {len(ids)} object vectors; the catalog lists {len(object_rows)} objects "
+                                f"({len(np.setdiff1d(object_rows, ids))} without a vector, {len(np.setdiff1d(ids, object_rows))} not in the catalog)")
     return problems, counts
 
 

@@ -7,6 +7,7 @@ never drift apart.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -19,8 +20,9 @@ import numpy as np
 
 from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import DinosearchError
-from indexer.reader import DEFAULT_MAX_PIXELS, load_query
-from indexer.store import Snapshot, current_snapshot, index_ids
+from indexer.objects import Mask, Segmenter, SegmenterConfig, crop_object
+from indexer.reader import DEFAULT_MAX_PIXELS, decode_both, load_query, read_file
+from indexer.store import MAX_OBJECTS, Snapshot, current_snapshot, index_ids
 from search.region import BadRegion, box_to_mask, late_interaction, localize, pixel_mask_to_grid
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,18 @@ class Hit:
     score: float  # cosine similarity to the query (region: mean over query patches of their best match)
     box: tuple[int, int, int, int] | None = None  # region results: where the match is, in the photo's pixels
     heat: np.ndarray | None = field(default=None, repr=False, compare=False)  # [grid, grid] best match per cell
+    object_id: int | None = None  # object results: the matching SAM object (box above is its box)
+    mask: dict | None = field(default=None, repr=False, compare=False)  # its mask, COCO RLE at mask["size"]
+
+
+@dataclass(frozen=True)
+class QueryObject:
+    """The object a query photo was reduced to: its vector, mask and box (in the query photo's pixels)."""
+
+    vector: np.ndarray
+    mask: Mask | None  # None for a stored object of an indexed photo
+    box: tuple[int, int, int, int]
+    size: tuple[int, int]  # the query photo's (width, height)
 
 
 @dataclass(frozen=True)
@@ -85,11 +99,13 @@ class Engine:
         self.root = Path(index_dir).expanduser()
         self.config = config
         self._embedder = embedder
+        self._segmenter: Segmenter | None = None
         self._lock = threading.Lock()
         self._load(Snapshot.open(self.root))
 
     def _load(self, snap: Snapshot) -> None:
         self._patch_index = None
+        self._object_index = None
         self.snapshot = snap
         self.manifest = snap.manifest
         self.db = snap.catalog()
@@ -135,6 +151,24 @@ class Engine:
                 ivf.nprobe = min(ivf.nlist, self.config.nprobe)
             self._patch_index = idx
         return self._patch_index
+
+    @property
+    def object_index(self) -> faiss.Index:
+        """SAM objects' vectors, loaded on first use."""
+        if self._object_index is None:
+            self._object_index = self.snapshot.object_index()
+        return self._object_index
+
+    @property
+    def segmenter(self) -> Segmenter:
+        """The SAM model (and settings) that made the index's objects, loaded on first use."""
+        if self._segmenter is None:
+            settings = self.manifest.segmenter
+            if not settings:
+                raise DinosearchError(f"{self.root} has no objects: index it with `dinosearch index FOLDER --index {self.root} --objects`")
+            e = self.embedder
+            self._segmenter = Segmenter(SegmenterConfig(**settings), device=e.device, precision=e.precision)
+        return self._segmenter
 
     # -- catalog
 
@@ -195,6 +229,23 @@ class Engine:
             raise UnknownPhoto(f"photo ids {sorted(set(pid.tolist()))[:5]} are not all in the index") from None
         return xb.reshape(len(pid), g2, self.manifest.dim)
 
+    def objects_of(self, photo_ids: list[int]) -> dict[int, list[dict]]:
+        """Stored SAM objects of photos: {photo id: [{id, box, score, mask}], best first}."""
+        if not photo_ids:
+            return {}
+        q = ",".join("?" * len(photo_ids))
+        out: dict[int, list[dict]] = {}
+        for oid, pid, x0, y0, x1, y1, score, mask in self._labels_query(
+                f"SELECT id, photo_id, x0, y0, x1, y1, score, mask FROM objects WHERE photo_id IN ({q}) ORDER BY id",
+                [int(i) for i in photo_ids]):
+            out.setdefault(pid, []).append({"id": oid, "box": (round(x0), round(y0), round(x1), round(y1)),
+                                            "score": score, "mask": json.loads(mask)})
+        return out
+
+    def object_count(self) -> int:
+        rows = self._labels_query("SELECT count(*) FROM objects", [])
+        return int(rows[0][0]) if rows else 0
+
     def photo_vector(self, photo_id: int) -> np.ndarray:
         try:
             return self.global_index.reconstruct(int(photo_id))
@@ -220,6 +271,90 @@ class Engine:
             return self.photo_patches([int(query)])[0].reshape(g, g, -1), size
         pixels, size = load_query(query, self.manifest.resolution, self.config.max_pixels)
         return self.embedder.embed(pixels[None]).patches[0], size
+
+    def query_object(self, query: Query, *, point: tuple[float, float] | None = None,
+                     box: tuple[float, float, float, float] | None = None) -> QueryObject:
+        """Reduce a query photo to one object: SAM's mask at ``point`` or for ``box`` (the query photo's
+        pixels), else its main object; cropped with the background neutralised and embedded.
+        An indexed photo id without a prompt gives its best stored object."""
+        if point is not None and box is not None:
+            raise BadRegion("give a point or a box, not both")
+        if isinstance(query, (int, np.integer)):
+            if point is None and box is None:
+                objs = self.objects_of([int(query)]).get(int(query))
+                if not objs:
+                    if int(query) not in self.photo_size([int(query)]):
+                        raise UnknownPhoto(f"photo id {query} is not in the index")
+                    raise BadRegion(f"photo {query} has no stored objects; give a point or a box")
+                best = max(objs, key=lambda o: (o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]) * o["score"])
+                with self._lock:
+                    v = self.object_index.reconstruct(int(best["id"]))
+                return QueryObject(v, None, best["box"], self.photo_size([int(query)])[int(query)])
+            path = self.path_of([int(query)]).get(int(query))
+            if path is None:
+                raise UnknownPhoto(f"photo id {query} is not in the index")
+            query = path
+        seg = self.segmenter
+        data = query if isinstance(query, bytes) else read_file(Path(query))
+        _, large, (w, h) = decode_both(data, self.manifest.resolution, seg.side, self.config.max_pixels)
+        sx, sy = large.shape[1] / w, large.shape[0] / h  # query photo pixels -> the decode SAM sees
+        if point is not None:
+            x, y = point
+            if not (0 <= x < w and 0 <= y < h):
+                raise BadRegion(f"point {x:g},{y:g} is outside the {w}x{h} photo")
+            m = seg.from_point(large, min(x * sx, large.shape[1] - 1), min(y * sy, large.shape[0] - 1))
+        elif box is not None:
+            x0, y0, x1, y1 = box
+            if not (x1 > x0 and y1 > y0):
+                raise BadRegion(f"box {box} is empty: expected x0,y0,x1,y1 with x1 > x0 and y1 > y0")
+            m = seg.from_box(large, (x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+        else:
+            m = seg.main_object(large)
+        if m is None:
+            raise BadRegion("SAM found no object there; click inside an object or draw a tighter box")
+        crop = crop_object(large, m.mask, self.manifest.resolution)
+        v = self.embedder.embed(crop[None]).cls[0]
+        bx = m.box
+        return QueryObject(v, m, (int(bx[0] / sx), int(bx[1] / sy), int(np.ceil(bx[2] / sx)), int(np.ceil(bx[3] / sy))), (w, h))
+
+    def objects(self, query: Query, k: int = 10, *, point: tuple[float, float] | None = None,
+                box: tuple[float, float, float, float] | None = None, allowed: set[int] | None = None,
+                label: str | None = None) -> list[Hit]:
+        """Photos holding an object like the query's (see query_object), one hit per photo with its best object."""
+        qo = self.query_object(query, point=point, box=box)
+        return self.objects_by_vector(qo.vector, k, allowed=self._allowed(allowed, label))
+
+    def objects_by_vector(self, v: np.ndarray, k: int = 10, *, allowed: set[int] | None = None) -> list[Hit]:
+        """Object search for one vector [D]: each photo once, with its best-matching object's box and mask."""
+        index = self.object_index
+        n = int(index.ntotal)
+        if k <= 0 or n == 0 or (allowed is not None and not allowed):
+            return []
+        xq = np.ascontiguousarray(np.asarray(v, np.float32)[None])
+        params = None
+        if allowed is not None:
+            lo = np.fromiter(allowed, np.int64) * MAX_OBJECTS
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch((lo[:, None] + np.arange(MAX_OBJECTS)).ravel()))
+        kk = min(n, max(8 * k, 64))
+        while True:  # widen until k distinct photos are found (a photo may hold many similar objects)
+            with self._lock:
+                D, I = index.search(xq, kk, params=params)
+            ok = I[0] >= 0
+            ids, scores = I[0][ok], D[0][ok]
+            best: dict[int, tuple[float, int]] = {}
+            for i, s in zip(ids.tolist(), scores.tolist()):
+                best.setdefault(i // MAX_OBJECTS, (s, i))
+            if len(best) >= k or kk >= n:
+                break
+            kk = min(n, kk * 4)
+        top = sorted(best.items(), key=lambda t: (-t[1][0], t[0]))[:k]
+        pids = [p for p, _ in top]
+        paths, objs = self.path_of(pids), self.objects_of(pids)
+        hits = []
+        for p, (s, oid) in top:
+            o = next((o for o in objs.get(p, []) if o["id"] == oid), None)
+            hits.append(Hit(p, paths.get(p, "?"), float(s), o["box"] if o else None, object_id=oid, mask=o["mask"] if o else None))
+        return hits
 
     def region(
         self, query: Query, k: int = 10, *, box: tuple[float, float, float, float] | None = None,
