@@ -141,14 +141,34 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
             width=sizes.get(h.photo_id, (None, None))[0], height=sizes.get(h.photo_id, (None, None))[1],
             box=list(h.box) if h.box else None,
             heat=np.round(h.heat, 4).tolist() if h.heat is not None else None,
+            object_id=h.object_id, mask=h.mask,
         ) for h in hits]
 
+    def parse_point(point: str | None) -> tuple[float, float] | None:
+        if point is None or point == "":
+            return None
+        try:
+            x, y = (float(v) for v in point.split(","))
+        except ValueError:
+            raise BadRegion(f"point must be x,y in pixels of the query photo, got {point!r}") from None
+        return x, y
+
     def run_search(svc: Service, query, k: int, box: str | None, part: int | None, parts_k: int,
-                   label: str | None = None) -> schemas.SearchResponse:
+                   label: str | None = None, objects: bool = False, point: str | None = None) -> schemas.SearchResponse:
         engine = svc.engine
-        b = parse_box(box)
+        b, pt = parse_box(box), parse_point(point)
         if b is not None and part is not None:
             raise BadRegion("give a box or a part, not both")
+        if objects or pt is not None:
+            if part is not None:
+                raise BadRegion("object search takes a point or a box, not a part")
+            qo = engine.query_object(query, point=pt, box=b)
+            hits = engine.objects_by_vector(qo.vector, k, allowed=engine._allowed(None, label))
+            from indexer.objects import rle_encode
+
+            return schemas.SearchResponse(
+                mode="objects", query_size=list(qo.size), grid=engine.manifest.grid, results=results(svc, hits),
+                query_object=schemas.QueryObject(box=list(qo.box), mask=rle_encode(qo.mask.mask) if qo.mask is not None else None))
         if part is not None:
             if not 0 <= part < parts_k:
                 raise BadRegion(f"part must be between 0 and {parts_k - 1}")
@@ -167,6 +187,9 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     Part = Annotated[int | None, Query(ge=0, description="region search: this part of the query photo")]
     PartsK = Annotated[int, Query(ge=2, le=16, description="how many parts the photo is split into")]
     Label = Annotated[str | None, Query(max_length=200, description="only photos with this class tag")]
+    Objects = Annotated[bool, Query(description="object search: the query's main object (or SAM's mask for box/point) "
+                                                "against every indexed object")]
+    Point = Annotated[str | None, Query(description="object search: x,y of a click in the query photo (SAM point prompt)")]
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -181,23 +204,33 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         m = e.manifest
         return schemas.Stats(snapshot=e.snapshot.path.name, model=m.model, precision=m.precision, resolution=m.resolution,
                              grid=m.grid, photos_indexed=counts.get("indexed", 0), photos_failed=counts.get("failed", 0),
-                             global_kind=m.global_kind, patch_kind=m.patch_kind)
+                             global_kind=m.global_kind, patch_kind=m.patch_kind, classifier=m.classifier,
+                             segmenter=(m.segmenter or {}).get("model"), objects=e.object_count())
 
     @app.post("/search", response_model=schemas.SearchResponse)
     async def search_upload(request: Request, svc: Svc, image: Annotated[UploadFile, File(description="the query photo")],
                             k: K = 10, box: Box = None, part: Part = None, parts_k: PartsK = 5,
-                            label: Label = None) -> schemas.SearchResponse:
-        """Photos like an uploaded photo (global), or containing a region of it (box or part), with where."""
+                            label: Label = None, objects: Objects = False, point: Point = None) -> schemas.SearchResponse:
+        """Photos like an uploaded photo (global), containing a region of it (box or part), or holding an object
+        like one of its objects (objects / point), with where."""
         data = await read_upload(request, image)
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(run_search, svc, data, k, box, part, parts_k, label)
+        return await run_in_threadpool(run_search, svc, data, k, box, part, parts_k, label, objects, point)
 
     @app.get("/photos/{photo_id}/similar", response_model=schemas.SearchResponse)
     def search_by_id(photo_id: PhotoId, svc: Svc, k: K = 10, box: Box = None, part: Part = None,
-                     parts_k: PartsK = 5, label: Label = None) -> schemas.SearchResponse:
-        """Photos like an indexed photo, or containing a region of it."""
-        return run_search(svc, photo_id, k, box, part, parts_k, label)
+                     parts_k: PartsK = 5, label: Label = None, objects: Objects = False,
+                     point: Point = None) -> schemas.SearchResponse:
+        """Photos like an indexed photo, containing a region of it, or holding one of its objects."""
+        return run_search(svc, photo_id, k, box, part, parts_k, label, objects, point)
+
+    @app.get("/photos/{photo_id}/objects", response_model=list[schemas.ObjectOut])
+    def objects_of(photo_id: PhotoId, svc: Svc) -> list[schemas.ObjectOut]:
+        """The SAM objects stored for an indexed photo (box and mask each, best first)."""
+        photo_path(svc, photo_id)
+        return [schemas.ObjectOut(id=o["id"], box=list(o["box"]), score=round(o["score"], 6), mask=o["mask"])
+                for o in svc.engine.objects_of([photo_id]).get(photo_id, [])]
 
     @app.get("/labels", response_model=list[schemas.LabelCount])
     def labels(svc: Svc, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[schemas.LabelCount]:

@@ -13,13 +13,28 @@ class Result(BaseModel):
     height: int | None = None
     box: list[int] | None = Field(None, description="region search: x0, y0, x1, y1 of the match in the photo's pixels")
     heat: list[list[float]] | None = Field(None, description="region search: best match per cell of the photo's patch grid")
+    object_id: int | None = Field(None, description="object search: the matching object (box is its box)")
+    mask: dict | None = Field(None, description="object search: its mask as COCO RLE {size: [h, w], counts}, column-major")
+
+
+class QueryObject(BaseModel):
+    box: list[int] = Field(description="x0, y0, x1, y1 of the query's object in the query photo's pixels")
+    mask: dict | None = Field(None, description="its SAM mask as COCO RLE (None for a stored object)")
 
 
 class SearchResponse(BaseModel):
-    mode: str = Field(description="global or region")
+    mode: str = Field(description="global, region or objects")
     query_size: list[int] = Field(description="width, height of the query photo")
     grid: int
+    query_object: QueryObject | None = None
     results: list[Result]
+
+
+class ObjectOut(BaseModel):
+    id: int
+    box: list[int]
+    score: float
+    mask: dict
 
 
 class PartsResponse(BaseModel):
@@ -52,6 +67,9 @@ class Stats(BaseModel):
     photos_failed: int
     global_kind: str
     patch_kind: str
+    classifier: str | None = None
+    segmenter: str | None = None
+    objects: int = 0
 
 
 class JobRequest(BaseModel):

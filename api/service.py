@@ -42,6 +42,7 @@ class Service:
         self.settings = settings
         self._engine: Engine | None = None
         self._embedder: Embedder | None = None
+        self._classifier = None
         self._lock = threading.Lock()
         self.jobs: dict[int, JobState] = {}
         self._queue: queue.Queue[JobState | None] = queue.Queue()
@@ -96,6 +97,23 @@ class Service:
 
     # -- writes
 
+    def _extras(self) -> dict:
+        """The index's own classifier and SAM settings, so a job's new photos get tags and objects like the rest."""
+        if current_snapshot(self.settings.index) is None:
+            return {}
+        m = Snapshot.open(self.settings.index).manifest
+        out = {}
+        if m.classifier:
+            from indexer.classifier import Classifier, ClassifierConfig
+
+            if self._classifier is None or self._classifier.config.model != m.classifier:
+                emb = self.embedder()
+                self._classifier = Classifier(ClassifierConfig(model=m.classifier), device=emb.device, precision=emb.precision)
+            out["classifier"] = self._classifier
+        if m.segmenter:
+            out["segmenter"] = self.engine.segmenter
+        return out
+
     def submit(self, folder: str) -> JobState:
         with self._lock:
             job = JobState(id=len(self.jobs) + 1, folder=folder)
@@ -113,7 +131,7 @@ class Service:
             try:
                 cfg = IndexConfig(workers=self.settings.workers, progress=False, commit_every=self.settings.commit_every)
                 stats = index_folder(job.folder, self.settings.index, self.embedder(), cfg,
-                                     on_commit=lambda _s: self.refresh(), on_progress=progress)
+                                     on_commit=lambda _s: self.refresh(), on_progress=progress, **self._extras())
                 job.indexed, job.failed, job.state = stats.indexed, stats.failed, "done"
             except Exception as e:  # the job reports it; the server stays up
                 log.exception("index job %d failed", job.id)

@@ -45,16 +45,18 @@ def _save_dinov2_processor(out: Path) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=1))
 
 
-def save_random_classifier(out: str | Path, labels: list[str], *, seed: int = 0) -> Path:
-    """A tiny ViT image classifier with random weights and the given labels, saved like a hub model."""
+def save_random_classifier(out: str | Path, labels: list[str], *, seed: int = 0, arch: str = "tiny") -> Path:
+    """A ViT image classifier with random weights and the given labels, saved like a hub model
+    (arch "base": the sizes of google/vit-base-patch16-224)."""
     import json
 
     import torch
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=224,
-                    patch_size=16, num_labels=len(labels), id2label=dict(enumerate(labels)),
+    sizes = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072) if arch == "base" else \
+        dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    cfg = ViTConfig(**sizes, image_size=224, patch_size=16, num_labels=len(labels), id2label=dict(enumerate(labels)),
                     label2id={lab: i for i, lab in enumerate(labels)})
     out = Path(out)
     ViTForImageClassification(cfg).save_pretrained(out)

@@ -121,3 +121,52 @@ def test_a_stalled_upload_gets_408_and_does_not_hold_the_server(photos, embedder
                 reply += chunk.decode(errors="replace")
             assert reply.startswith("HTTP/1.1 408") and "stalled" in reply, reply[:200]
             s.close()
+
+
+def test_objects_click_and_box_in_the_browser(photos, embedder, tiny_model, tmp_path):
+    """Index with (tiny, random) SAM objects; on the page, tick objects, click the photo, then drag a box."""
+    import torch
+    from playwright.sync_api import sync_playwright
+
+    from indexer.objects import Segmenter, SegmenterConfig
+    from indexer.testing import save_random_sam
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
+        pytest.skip("Debian's chromium is not installed here (`make browser` installs it; CI always does)")
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for p in sorted(photos.rglob("*.jpg"))[:8]:
+        shutil.copy(p, folder / p.name)
+    sam = save_random_sam(tmp_path / "sam", "tiny")
+    seg = Segmenter(SegmenterConfig(model=str(sam), min_iou=-1e9, min_stability=0, min_area=0, nms_iou=1.0,
+                                    points_per_side=2, max_masks=3), device=torch.device("cpu"))
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, embedder, IndexConfig(workers=0, progress=False), segmenter=seg)
+    app = create_app(Settings(index=idx, model=str(tiny_model), device="cpu", workers=0))
+    ARTIFACTS.mkdir(exist_ok=True)
+    with live_server(app) as (url, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.wait_for_function("document.getElementById('stats').textContent.includes('objects')")
+        assert page.is_enabled("#objects")
+        page.set_input_files("#file", str(sorted(folder.glob("*.jpg"))[1]))
+        page.wait_for_selector("#results li.result img")
+        page.check("#objects")
+        page.wait_for_function("document.getElementById('mode').textContent.includes('object')")
+        assert page.locator("#results canvas.mask").count() == page.locator("#results li.result").count() == 8
+        b = page.locator("#canvas").bounding_box()
+        with page.expect_response(lambda r: "point=" in r.url and r.status == 200):
+            page.mouse.click(b["x"] + b["width"] * 0.4, b["y"] + b["height"] * 0.5)
+        page.wait_for_function("document.querySelectorAll('#results canvas.mask').length === 8")
+        page.screenshot(path=str(ARTIFACTS / "5-object-click.png"), full_page=True)
+        with page.expect_response(lambda r: "box=" in r.url and "objects=true" in r.url and r.status == 200):
+            page.mouse.move(b["x"] + b["width"] * 0.1, b["y"] + b["height"] * 0.1)
+            page.mouse.down()
+            page.mouse.move(b["x"] + b["width"] * 0.7, b["y"] + b["height"] * 0.8, steps=6)
+            page.mouse.up()
+        page.wait_for_function("document.querySelectorAll('#results canvas.mask').length === 8")
+        page.screenshot(path=str(ARTIFACTS / "6-object-box.png"), full_page=True)
+        browser.close()

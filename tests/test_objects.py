@@ -327,3 +327,61 @@ def test_cli_objects_point_box_and_a_killed_run_resumes(tmp_path, tiny_model, sa
     _cli("index", str(folder), "--index", str(plain), "--model", str(tiny_model), "-q")
     p = _cli("search", str(plain), q, "--objects")
     assert p.returncode == 2 and "--objects" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_http_object_search_point_box_and_jobs_keep_making_objects(tmp_path, embedder, tiny_model, sam_dir):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    extra = tmp_path / "more"
+    extra.mkdir()
+    for i, p in enumerate(sample_photos(1)[:8]):
+        shutil.copy(p, (folder if i < 6 else extra) / p.name)
+    seg = Segmenter(SegmenterConfig(model=str(sam_dir), **LOOSE), device=torch.device("cpu"))
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, embedder, CFG, segmenter=seg)
+    token = "t0ken-for-the-tests-0123456789"
+    settings = Settings(index=idx, token=token, model=str(tiny_model), device="cpu", workers=0)
+    q = (folder / sorted(p.name for p in folder.iterdir())[2]).read_bytes()
+    with TestClient(create_app(settings)) as client:
+        s = client.get("/stats").json()
+        assert s["segmenter"] == str(sam_dir) and s["objects"] == Engine(idx).object_count() > 0
+        for params in ({"objects": "true"}, {"point": "40,30"}, {"objects": "true", "box": "5,5,150,100"}):
+            r = client.post("/search", params={"k": 4} | params, files={"image": ("q.jpg", q, "image/jpeg")})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["mode"] == "objects" and len(body["results"]) == 4
+            assert len({x["id"] for x in body["results"]}) == 4
+            assert all(x["object_id"] // MAX_OBJECTS == x["id"] and rle_decode(x["mask"]).any() for x in body["results"])
+            qo = body["query_object"]
+            w, h = body["query_size"]
+            assert 0 <= qo["box"][0] < qo["box"][2] <= w and 0 <= qo["box"][1] < qo["box"][3] <= h
+        r = client.post("/search", params={"point": "9000,1"}, files={"image": ("q.jpg", q, "image/jpeg")})
+        assert r.status_code == 422 and "outside" in r.json()["detail"]
+        r = client.post("/search", params={"point": "x"}, files={"image": ("q.jpg", q, "image/jpeg")})
+        assert r.status_code == 422
+        by_id = client.get("/photos/2/similar", params={"objects": "true", "k": 3}).json()
+        assert by_id["mode"] == "objects" and by_id["results"][0]["id"] == 2 and by_id["results"][0]["score"] > 0.999
+        objs = client.get("/photos/2/objects").json()
+        assert objs and all(rle_decode(o["mask"]).shape == (Engine(idx).photo_size([2])[2][1], Engine(idx).photo_size([2])[2][0])
+                            for o in objs)
+        assert client.get("/photos/999/objects").status_code == 404
+        # a job on the server gives its new photos objects, with the index's own SAM settings
+        job = client.post("/index/jobs", json={"folder": str(extra)}, headers={"Authorization": f"Bearer {token}"}).json()
+        for _ in range(600):
+            state = client.get(f"/index/jobs/{job['id']}").json()
+            if state["state"] in ("done", "failed"):
+                break
+            time.sleep(0.1)
+        assert state["state"] == "done" and state["indexed"] == 2, state
+        new = Engine(idx)
+        assert len(new.objects_of([7, 8])) == 2 and verify(idx).ok
+    plain = tmp_path / "plain"
+    index_folder(folder, plain, embedder, CFG)
+    with TestClient(create_app(Settings(index=plain, model=str(tiny_model), device="cpu", workers=0))) as client:
+        r = client.post("/search", params={"objects": "true"}, files={"image": ("q.jpg", q, "image/jpeg")})
+        assert r.status_code == 400 and "--objects" in r.json()["detail"]

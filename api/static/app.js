@@ -1,8 +1,9 @@
-// dinosearch web page: query by example, region by box, parts overlay, index jobs. No external code.
+// dinosearch web page: query by example, region by box, objects by click or box, parts overlay, index jobs.
+// No external code.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { file: null, photoId: null, img: null, size: null, box: null, parts: null, drag: null };
+const state = { file: null, photoId: null, img: null, size: null, box: null, point: null, parts: null, drag: null, queryObject: null };
 const canvas = $("canvas");
 const ctx = canvas.getContext("2d");
 
@@ -30,12 +31,39 @@ function draw() {
       ctx.fillRect(c * cw, r * ch, cw + 0.5, ch + 0.5);
     }));
   }
+  const s = canvas.width / state.size[0];
+  if (state.queryObject && !state.drag) {  // the object SAM found in the query: its mask and box
+    const o = state.queryObject;
+    if (o.mask) ctx.drawImage(maskCanvas(o.mask, [30, 200, 90]), 0, 0, canvas.width, canvas.height);
+    ctx.lineWidth = 2; ctx.strokeStyle = "#1ec85a";
+    ctx.strokeRect(o.box[0] * s, o.box[1] * s, (o.box[2] - o.box[0]) * s, (o.box[3] - o.box[1]) * s);
+  }
   const b = state.drag || state.box;
   if (b) {
-    const s = canvas.width / state.size[0];
     ctx.lineWidth = 3; ctx.strokeStyle = "#ff2d2d";
     ctx.strokeRect(b[0] * s, b[1] * s, (b[2] - b[0]) * s, (b[3] - b[1]) * s);
   }
+  if (state.point) {
+    ctx.fillStyle = "#ff2d2d"; ctx.beginPath();
+    ctx.arc(state.point[0] * s, state.point[1] * s, 6, 0, 2 * Math.PI); ctx.fill();
+  }
+}
+
+// a COCO RLE mask (column-major runs, 0s first) as a canvas: the mask in colour, the rest transparent
+function maskCanvas(rle, rgb) {
+  const [h, w] = rle.size, c = document.createElement("canvas");
+  c.width = w; c.height = h;
+  const g = c.getContext("2d"), im = g.createImageData(w, h);
+  let at = 0;
+  rle.counts.forEach((n, i) => {
+    if (i % 2) for (let j = at; j < at + n; j++) {
+      const x = Math.floor(j / h), y = j % h, o = 4 * (y * w + x);
+      im.data[o] = rgb[0]; im.data[o + 1] = rgb[1]; im.data[o + 2] = rgb[2]; im.data[o + 3] = 110;
+    }
+    at += n;
+  });
+  g.putImageData(im, 0, 0);
+  return c;
 }
 
 function showImage(img, size) {
@@ -47,7 +75,7 @@ function showImage(img, size) {
 
 async function setFile(file) {
   if (!file) return;
-  state.file = file; state.photoId = null; state.box = null; state.parts = null; $("box").value = "";
+  state.file = file; state.photoId = null; state.box = null; state.point = null; state.parts = null; $("box").value = "";
   const img = new Image();
   img.onload = () => { showImage(img, [img.naturalWidth, img.naturalHeight]); search(); };
   img.onerror = () => say("this file is not an image the browser can show; searching anyway");
@@ -55,7 +83,7 @@ async function setFile(file) {
 }
 
 async function setPhoto(id) {
-  state.file = null; state.photoId = id; state.box = null; state.parts = null; $("box").value = "";
+  state.file = null; state.photoId = id; state.box = null; state.point = null; state.parts = null; $("box").value = "";
   const img = new Image();
   img.onload = () => { showImage(img, [img.naturalWidth, img.naturalHeight]); search(); };
   img.src = `/photos/${id}`;
@@ -65,6 +93,10 @@ function params() {
   const p = new URLSearchParams({ k: $("k").value || "12" });
   if (state.box) p.set("box", state.box.map(Math.round).join(","));
   if ($("label").value) p.set("label", $("label").value);
+  if ($("objects").checked) {
+    p.set("objects", "true");
+    if (state.point) p.set("point", state.point.map(Math.round).join(","));
+  }
   return p;
 }
 
@@ -80,6 +112,8 @@ async function search() {
       res = await api(`/search?${params()}`, { method: "POST", body: form });
     }
     if (!state.img) state.size = res.query_size;
+    state.queryObject = res.query_object || null;
+    draw();
     render(res);
     say("");
   } catch (e) { say(e.message); }
@@ -87,7 +121,7 @@ async function search() {
 }
 
 function render(res) {
-  $("mode").textContent = res.mode === "region" ? "(photos containing the region)" : "(similar photos)";
+  $("mode").textContent = { region: "(photos containing the region)", objects: "(photos holding a like object)" }[res.mode] || "(similar photos)";
   const ol = $("results"); ol.replaceChildren();
   for (const r of res.results) {
     const li = document.createElement("li");
@@ -105,6 +139,10 @@ function render(res) {
       m.style.left = `${100 * r.box[0] / r.width}%`; m.style.top = `${100 * r.box[1] / r.height}%`;
       m.style.width = `${100 * (r.box[2] - r.box[0]) / r.width}%`; m.style.height = `${100 * (r.box[3] - r.box[1]) / r.height}%`;
       wrap.append(m);
+    }
+    if (r.mask) {
+      const mc = maskCanvas(r.mask, [255, 45, 45]); mc.className = "mask";
+      wrap.append(mc);
     }
     const meta = document.createElement("div"); meta.className = "meta";
     const name = document.createElement("span"); name.textContent = r.path;
@@ -146,9 +184,12 @@ canvas.addEventListener("pointermove", (ev) => {
 });
 canvas.addEventListener("pointerup", () => {
   if (!state.dragStart) return;
-  const d = state.drag; state.dragStart = null; state.drag = null;
+  const d = state.drag, start = state.dragStart; state.dragStart = null; state.drag = null;
   if (d && d[2] - d[0] > 4 && d[3] - d[1] > 4) {
-    state.box = d; $("box").value = d.map(Math.round).join(",");
+    state.box = d; state.point = null; $("box").value = d.map(Math.round).join(",");
+    search();
+  } else if ($("objects").checked) {  // a click: the object under it
+    state.point = start; state.box = null; $("box").value = "";
     search();
   }
   draw();
@@ -165,7 +206,12 @@ $("controls").addEventListener("submit", (ev) => {
   draw(); search();
 });
 $("label").addEventListener("change", () => search());
-$("clear").addEventListener("click", () => { state.box = null; $("box").value = ""; draw(); search(); });
+$("objects").addEventListener("change", () => {
+  $("objects-help").hidden = !$("objects").checked;
+  state.point = null; state.queryObject = null; draw();
+  if (state.file || state.photoId) search();
+});
+$("clear").addEventListener("click", () => { state.box = null; state.point = null; $("box").value = ""; draw(); search(); });
 $("show-parts").addEventListener("change", () => { if ($("show-parts").checked) loadParts(); else draw(); });
 $("parts-k").addEventListener("change", () => { if ($("show-parts").checked) loadParts(); });
 $("file").addEventListener("change", (ev) => setFile(ev.target.files[0]));
@@ -197,7 +243,9 @@ $("job-form").addEventListener("submit", async (ev) => {
 async function loadStats() {
   try {
     const s = await api("/stats");
-    $("stats").textContent = `${s.photos_indexed} photos · ${s.model.split("/").pop()} · ${s.precision}`;
+    $("stats").textContent = `${s.photos_indexed} photos · ${s.model.split("/").pop()} · ${s.precision}` +
+      (s.objects ? ` · ${s.objects} objects` : "");
+    $("objects").disabled = !s.objects;
     const sel = $("label"), keep = sel.value;
     sel.replaceChildren(new Option("any", ""));
     for (const t of await api("/labels?limit=200")) sel.append(new Option(`${t.label} (${t.photos})`, t.label));
