@@ -22,7 +22,7 @@ $(BIN)/dinosearch: pyproject.toml
 	# CPU build of torch first (a plain `torch` would pull the multi-GB CUDA build);
 	# on a GPU machine: make setup TORCH=torch FAISS=gpu
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[$(FAISS),dev]"
+	$(BIN)/pip install -q -e ".[$(FAISS),dev,scale]"
 	@touch $@
 
 setup: $(BIN)/dinosearch

@@ -49,6 +49,8 @@ def _human(n: float) -> str:
 def cmd_index(args: argparse.Namespace) -> int:
     from indexer.runner import start_pool
 
+    if args.ray:
+        return _index(args, None)
     pool = start_pool(args.workers)  # decode processes start while the model loads
     try:
         return _index(args, pool)
@@ -98,7 +100,16 @@ def _index(args: argparse.Namespace, pool) -> int:
         settings = {k: v for k, v in old.items() if k in SegmenterConfig.__dataclass_fields__} | {k: v for k, v in given.items() if v is not None}
         segmenter = Segmenter(SegmenterConfig(**{"model": DEFAULT_SEGMENTER} | settings),
                               device=embedder.device, precision=embedder.precision)
-    stats = index_folder(args.folder, idx, embedder, cfg, pool=pool, classifier=classifier, segmenter=segmenter)
+    if args.ray:
+        if classifier is not None or segmenter is not None:
+            raise DinosearchError("--classify and --objects do not run on Ray yet: index with --ray first, then run "
+                                  "`dinosearch index FOLDER --index IDX --classify/--objects` on one machine (no re-embedding)")
+        from indexer.distributed import index_folder_ray
+
+        stats = index_folder_ray(args.folder, idx, embedder, cfg, address=args.ray, num_workers=args.num_workers,
+                                 num_cpus=args.ray_cpus)
+    else:
+        stats = index_folder(args.folder, idx, embedder, cfg, pool=pool, classifier=classifier, segmenter=segmenter)
     tagged = f", {stats.labelled} tagged" if classifier is not None else ""
     if segmenter is not None:
         tagged += f", {stats.objects} objects in {stats.segmented} photos"
@@ -332,6 +343,18 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_index(args: argparse.Namespace) -> int:
+    from indexer.build import build_index, parse_memory
+
+    r = build_index(args.index, kind=args.kind, patch_kind=args.patch_kind, memory=parse_memory(args.memory),
+                    shards=args.shards, workers=args.workers)
+    for name in r.kinds:
+        shards = r.shard_seconds[name]
+        extra = f", {len(shards)} shards filled in {sum(shards):.1f} s, merged on disk ({_human(r.bytes.get(name, 0))})" if shards else ""
+        print(f"{name}: {r.vectors[name]} vectors -> {r.kinds[name]} in {r.seconds[name]:.1f} s{extra}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from indexer.verify import verify
 
@@ -390,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sam-min-stability", type=float, default=None, help=f"minimum stability score (default {sd.min_stability})")
     q.add_argument("--sam-min-area", type=float, default=None, help=f"minimum mask area, fraction of the photo (default {sd.min_area})")
     q.add_argument("--sam-nms", type=float, default=None, help=f"box IoU above which a mask is a duplicate (default {sd.nms_iou})")
+    q.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="decode and embed on Ray: 'local' (a cluster of this machine), 'auto' or ray://HEAD:10001; "
+                        "photos must be at the same path on every node")
+    q.add_argument("--num-workers", type=int, default=2, help="with --ray: embedding actors, one model each (default 2)")
+    q.add_argument("--ray-cpus", type=int, default=None, help="with --ray local: CPUs of the local cluster (default all)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_index)
 
@@ -454,6 +482,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.add_argument("--json", action="store_true", help="print as JSON")
     q.set_defaults(func=cmd_classify)
+
+    q = sub.add_parser("build-index", help="rebuild the FAISS indexes for size: train, fill shards, merge on disk",
+                       description="Choose index kinds from the vector count and a memory budget (exact -> IVF-Flat -> "
+                                   "IVF-PQ), train on a sample, fill shards in parallel and merge their inverted lists "
+                                   "into one on-disk file (faiss.contrib.ondisk) that searches memory-map.")
+    q.add_argument("index", help="index directory")
+    q.add_argument("--kind", default=None, help="FAISS factory string for the global index (default: by size and --memory)")
+    q.add_argument("--patch-kind", default=None, help="FAISS factory string for the patch index (default: by size and --memory)")
+    q.add_argument("--memory", default="8GB", help="memory budget for both indexes, e.g. 8GB (default 8GB)")
+    q.add_argument("--shards", type=int, default=4, help="shards filled in parallel before the merge (default 4)")
+    q.add_argument("--workers", type=int, default=2, help="threads filling shards (default 2)")
+    q.set_defaults(func=cmd_build_index)
 
     q = sub.add_parser("verify", help="check an index: manifest, catalog and FAISS files against each other",
                        description="Check the live snapshot; exit 0 if it is whole, 1 with each problem named. "

@@ -16,6 +16,7 @@ keeps a complete snapshot (the previous one is kept until the next commit).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -128,6 +129,14 @@ class Manifest:
             raise IndexFormatError(f"{path}: malformed manifest ({e})") from None
 
     @classmethod
+    def load_current(cls, root: str | os.PathLike) -> Manifest:
+        """The manifest of an index directory's live snapshot."""
+        snap = current_snapshot(Path(root))
+        if snap is None:
+            raise IndexFormatError(f"{root} has no committed snapshot: index a folder first")
+        return cls.load(snap / MANIFEST_FILE)
+
+    @classmethod
     def for_embedder(cls, e: Embedder, *, global_kind: str | None = None, patch_kind: str | None = None) -> Manifest:
         return cls(
             model=e.config.model, model_type=e.model_type, revision=e.config.revision, dim=e.dim,
@@ -232,12 +241,59 @@ def reconstruct_all(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     return ids, index.index.reconstruct_n(0, index.ntotal)
 
 
+def on_disk_lists(index: faiss.Index):
+    """The OnDiskInvertedLists of an IVF index merged by build-index, else None."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    il = faiss.downcast_InvertedLists(ivf.invlists)
+    return il if isinstance(il, faiss.OnDiskInvertedLists) else None
+
+
+def to_memory(index: faiss.Index) -> faiss.Index:
+    """Copy on-disk inverted lists into memory, so a writer never changes a committed snapshot's .ivfdata."""
+    il = on_disk_lists(index)
+    if il is None:
+        return index
+    ivf = faiss.extract_index_ivf(index)
+    mem = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    for i in range(ivf.nlist):
+        n = il.list_size(i)
+        if n:
+            mem.add_entries(i, n, il.get_ids(i), il.get_codes(i))
+    ivf.replace_invlists(mem, True)
+    mem.this.disown()
+    return index
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def read_index(path: Path, *, mmap: bool = False) -> faiss.Index:
     if not path.is_file():
         raise IndexFormatError(f"{path} is missing")
     try:
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        index = faiss.read_index(str(path), flags)
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError:
+            if not path.with_suffix(".ivfdata").is_file():
+                raise
+            # build-index's .ivfdata lies beside its index file; the directory moved since: look for it there
+            # (FAISS says so on stdout, which belongs to the CLI's output: sent to stderr meanwhile)
+            with _stdout_to_stderr():
+                index = faiss.read_index(str(path), flags | faiss.IO_FLAG_ONDISK_SAME_DIR)
     except RuntimeError as e:
         raise IndexFormatError(f"{path} is corrupt or truncated: {str(e).splitlines()[0][:200]}") from None
     return index  # read_index already returns the concrete class (downcasting again would drop ownership)
@@ -350,8 +406,8 @@ class Writer:
             src.close()
             self.db.executescript(SCHEMA)  # tables added since the snapshot was written
             self.manifest = old.manifest
-            self.global_index = old.global_index()
-            self.patch_index = old.patch_index()
+            self.global_index = to_memory(old.global_index())
+            self.patch_index = to_memory(old.patch_index())
             self.object_index = old.object_index()
             if self.global_index.ntotal == 0:  # built on the first add, with its chosen kind
                 self.global_index = self.patch_index = None
@@ -548,9 +604,19 @@ class Writer:
 
     # -- commit
 
-    def _write_snapshot(self, tmp: Path, name: str) -> Path:
+    def begin_snapshot(self) -> Path:
+        """A new, empty snapshot directory (``snap-N.tmp``) for files made outside the writer (build-index)."""
+        snaps = self._snapshots()
+        number = int(snaps[-1].name.split("-")[1]) + 1 if snaps else 1
+        tmp = self.root / f"snap-{number:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        return tmp
+
+    def _write_snapshot(self, tmp: Path, name: str, prepared: bool = False) -> Path:
+        if not prepared:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
         self.manifest.updated = time.time()
         empty = faiss.IndexIDMap2(faiss.IndexFlatIP(self.manifest.dim))  # nothing indexed yet
         faiss.write_index(self.global_index or empty, str(tmp / GLOBAL_FILE))
@@ -560,9 +626,10 @@ class Writer:
         self.db.commit()
         self.db.backup(dst)
         dst.close()
-        self.manifest.files = {f: file_digest(tmp / f) for f in (GLOBAL_FILE, PATCH_FILE, OBJECT_FILE, CATALOG_FILE)}
+        extra = sorted(p.name for p in tmp.glob("*.ivfdata"))  # on-disk inverted lists of build-index
+        self.manifest.files = {f: file_digest(tmp / f) for f in (GLOBAL_FILE, PATCH_FILE, OBJECT_FILE, CATALOG_FILE, *extra)}
         (tmp / MANIFEST_FILE).write_text(self.manifest.to_json())
-        for f in (GLOBAL_FILE, PATCH_FILE, OBJECT_FILE, CATALOG_FILE, MANIFEST_FILE):
+        for f in (GLOBAL_FILE, PATCH_FILE, OBJECT_FILE, CATALOG_FILE, MANIFEST_FILE, *extra):
             _fsync_file(tmp / f)
         _fsync_dir(tmp)
         final = self.root / name
@@ -574,17 +641,22 @@ class Writer:
         _fsync_dir(self.root)
         return final
 
-    def commit(self) -> Path | None:
-        """Write everything as a new snapshot and switch CURRENT to it atomically."""
-        if not self.dirty and current_snapshot(self.root) is not None:
+    def commit(self, *, prepared: Path | None = None) -> Path | None:
+        """Write everything as a new snapshot and switch CURRENT to it atomically.
+
+        ``prepared``: a directory from begin_snapshot() already holding extra files (kept, not recreated)."""
+        if not self.dirty and current_snapshot(self.root) is not None and prepared is None:
             return None
         self._refit_kinds()
-        snaps = self._snapshots()
-        number = int(snaps[-1].name.split("-")[1]) + 1 if snaps else 1
-        name = f"snap-{number:06d}"
-        tmp = self.root / f"{name}.tmp"
+        if prepared is not None:
+            tmp, name = prepared, prepared.name.removesuffix(".tmp")
+        else:
+            snaps = self._snapshots()
+            number = int(snaps[-1].name.split("-")[1]) + 1 if snaps else 1
+            name = f"snap-{number:06d}"
+            tmp = self.root / f"{name}.tmp"
         try:
-            final = self._write_snapshot(tmp, name)
+            final = self._write_snapshot(tmp, name, prepared is not None)
         except (OSError, RuntimeError, sqlite3.Error) as e:  # FAISS reports write errors as RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)
             e = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:200]

@@ -1,0 +1,213 @@
+"""Indexing on a Ray cluster: the indexer's own roles inside a Ray Data pipeline.
+
+    file list (driver)  -> blocks of {id, path, size, mtime}
+    decode (CPU tasks)  -> reader.decode_file, exactly as the local decode workers
+    embed (actor pool)  -> one Embedder per actor (GPU actors where there are GPUs)
+    write (driver)      -> the same Writer, catalog, manifest and snapshots as a local run
+
+The driver scans, compares with the catalog and assigns photo ids in scan order
+before anything is sent, so a Ray run gives the same catalog as a local one and a
+rerun after a crash skips what was committed. Failed tasks are retried by Ray
+(``max_retries``; actors are restarted). Photos must be readable at the same path
+on every node (a shared folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from indexer.embedder import Embedder, EmbedderConfig
+from indexer.errors import ConfigError
+from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeJob, FileInfo, decode_file, scan
+from indexer.runner import IndexConfig, RunStats
+from indexer.store import Manifest, Writer
+
+log = logging.getLogger(__name__)
+
+
+def _decode_batch(batch: dict, job: DecodeJob) -> dict:
+    """Ray Data CPU task: decode a block of files (bad files come back with their reason)."""
+    n = len(batch["id"])
+    res = job.resolution
+    out = {k: batch[k] for k in ("id", "path")}
+    out.update(size=np.zeros(n, np.int64), mtime_ns=np.zeros(n, np.int64), hash=np.empty(n, object),
+               width=np.zeros(n, np.int64), height=np.zeros(n, np.int64), error=np.empty(n, object),
+               pixels=np.zeros((n, res, res, 3), np.uint8))
+    for j in range(n):
+        d = decode_file(FileInfo(str(batch["path"][j]), int(batch["size"][j]), int(batch["mtime_ns"][j])), job)
+        out["size"][j], out["mtime_ns"][j], out["hash"][j] = d.size, d.mtime_ns, d.hash or ""
+        out["error"][j] = d.error or ""
+        if d.error is None:
+            out["width"][j], out["height"][j], out["pixels"][j] = d.width, d.height, d.pixels
+    return out
+
+
+class _EmbedActor:
+    """Ray Data actor: one model per actor, loaded once, fed whole batches."""
+
+    def __init__(self, config: EmbedderConfig, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.embedder = Embedder(config)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = np.array([e == "" for e in batch["error"]])
+        n, e = len(ok), self.embedder
+        cls = np.zeros((n, e.dim), np.float32)
+        patches = np.zeros((n, e.grid, e.grid, e.dim), np.float32)
+        if ok.any():
+            out = e.embed(batch["pixels"][ok])
+            cls[ok], patches[ok] = out.cls, out.patches
+        rest = {k: v for k, v in batch.items() if k != "pixels"}
+        return rest | {"cls": cls, "patches": patches}
+
+
+def _ray_init(address: str, num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address == "local":
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, ignore_reinit_error=True)
+    else:  # "auto" (RAY_ADDRESS or a running cluster) or ray://host:port
+        ray.init(address=address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+
+
+def pool_shape(total_cpus: float, workers: int, gpus: int) -> tuple[float, float]:
+    """CPUs per embedding actor and per decode task. Decoding always keeps CPUs for itself: an actor
+    pool that takes every CPU starves the read/decode tasks and the pipeline hangs."""
+    decode = max(0.5, total_cpus * 0.25)
+    if gpus:
+        return 1.0, decode  # GPU actors need a core each to feed the GPU
+    return max(0.25, (total_cpus - decode) / workers), decode
+
+
+def index_folder_ray(
+    root: str | os.PathLike,
+    index_dir: str | os.PathLike,
+    embedder: Embedder,
+    config: IndexConfig = IndexConfig(),
+    *,
+    address: str = "local",
+    num_workers: int = 2,
+    num_cpus: int | None = None,
+    on_commit: Callable[[RunStats], None] | None = None,
+) -> RunStats:
+    """Bring the index at ``index_dir`` up to date with ``root`` using Ray for decoding and embedding.
+
+    ``embedder`` is the driver's copy, used for the manifest (model, fingerprint); the actors load
+    the same model from ``embedder.config``. ``address`` is "local" (a cluster of this machine,
+    ``num_cpus`` CPUs) or a Ray address ("auto", "ray://head:10001").
+    """
+
+    if num_workers < 1:
+        raise ConfigError(f"--num-workers must be >= 1, got {num_workers}")
+    t0 = time.perf_counter()
+    stats = RunStats()
+    root = str(Path(root).expanduser().absolute())
+    _ray_init(address, num_cpus)
+    manifest = Manifest.for_embedder(embedder, global_kind=config.global_kind, patch_kind=config.patch_kind)
+    with Writer(index_dir, manifest) as writer:
+        if writer.manifest is not manifest:
+            writer.manifest.check(embedder)
+        scan_errors: list[tuple[str, str]] = []
+        files = list(scan(root, scan_errors))
+        stats.scanned = len(files)
+        known = writer.known()
+        seen = {f.path for f in files} | {p for p, _ in scan_errors}
+        prefix = root.rstrip(os.sep) + os.sep
+        gone = [v[0] for p, v in known.items() if p.startswith(prefix) and p not in seen]
+        writer.delete(gone)
+        stats.deleted = len(gone)
+        for path, reason in scan_errors:
+            if path not in known:
+                writer.record_failure(writer.allocate_id(), path, 0, 0, None, reason)
+                stats.failed += 1
+                stats.failures.append((path, reason))
+        items: list[dict] = []
+        for f in files:  # ids assigned here, in scan order: the same ids a local run gives
+            k = known.get(f.path)
+            if k is not None and (k[1], k[2]) == (f.size, f.mtime_ns) and (k[4] == "indexed" or not config.retry_failed):
+                stats.unchanged += 1
+                continue
+            if k is None:
+                stats.new += 1
+            else:
+                stats.changed += 1
+            items.append({"id": k[0] if k else writer.allocate_id(), "path": f.path, "size": f.size, "mtime_ns": f.mtime_ns})
+        if items:
+            _run_pipeline(items, writer, embedder, config, stats, num_workers, on_commit, known)
+        writer.commit()
+        stats.commits += 1
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _run_pipeline(items, writer: Writer, embedder: Embedder, config: IndexConfig, stats: RunStats, num_workers: int,
+                  on_commit, known) -> None:
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # commits follow scan order, as in a local run
+    ctx.enable_progress_bars = False
+    total = float(ray.cluster_resources().get("CPU", 1))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actor_cpus, decode_cpus = pool_shape(total, num_workers, gpus)
+    job = DecodeJob(embedder.config.resolution, DEFAULT_MAX_PIXELS if config.max_pixels is None else config.max_pixels,
+                    config.max_bytes or DEFAULT_MAX_BYTES)
+    actor_cfg = EmbedderConfig(model=embedder.config.model, revision=embedder.config.revision,
+                               resolution=embedder.config.resolution, device="cuda" if gpus else "cpu",
+                               precision=embedder.precision if not gpus else embedder.config.precision)
+    b = config.batch_size
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // b, 4 * num_workers)))
+    ds = ds.map_batches(_decode_batch, fn_kwargs={"job": job}, batch_size=b, batch_format="numpy",
+                        num_cpus=decode_cpus, max_retries=3)
+    ds = ds.map_batches(_EmbedActor, fn_constructor_kwargs={"config": actor_cfg, "threads": int(max(1, actor_cpus))},
+                        batch_size=b, batch_format="numpy", concurrency=num_workers, num_cpus=actor_cpus,
+                        num_gpus=1 if gpus else 0, max_restarts=2, max_task_retries=3)
+    bar = tqdm(total=len(items), unit="photo", disable=not config.progress, desc="indexing (ray)", smoothing=0.1)
+    since = 0
+    for batch in ds.iter_batches(batch_size=b, batch_format="numpy", prefetch_batches=2):
+        ok = [j for j, e in enumerate(batch["error"]) if e == ""]
+        for j, e in enumerate(batch["error"]):
+            if e != "":
+                pid, path = int(batch["id"][j]), str(batch["path"][j])
+                writer.record_failure(pid, path, int(batch["size"][j]), int(batch["mtime_ns"][j]), batch["hash"][j] or None, e)
+                stats.failed += 1
+                stats.failures.append((path, e))
+        if ok:
+            rows = []
+            keep = []
+            for j in ok:
+                path, pid = str(batch["path"][j]), int(batch["id"][j])
+                k = known.get(path)
+                if k is not None and k[3] == batch["hash"][j] and k[4] == "indexed":  # same bytes, new mtime
+                    writer.touch(pid, int(batch["size"][j]), int(batch["mtime_ns"][j]))
+                    stats.touched += 1
+                    continue
+                rows.append((pid, path, int(batch["size"][j]), int(batch["mtime_ns"][j]), batch["hash"][j],
+                             int(batch["width"][j]), int(batch["height"][j])))
+                keep.append(j)
+            if rows:
+                writer.add(rows, batch["cls"][keep], batch["patches"][keep])
+                stats.indexed += len(rows)
+        n = len(batch["id"])
+        since += n
+        bar.update(n)
+        if since >= config.commit_every:
+            writer.commit()
+            stats.commits += 1
+            since = 0
+            if on_commit is not None:
+                on_commit(stats)
+    bar.close()

@@ -1,0 +1,96 @@
+"""One store test suite, run against the FAISS store and against Milvus (Milvus Lite, the same engine
+embedded, through pymilvus): ids, upserts, deletes by photo, tag filters, photo filters, persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexer.errors import ConfigError
+from indexer.vectors import open_store
+
+D = 32
+
+
+def unit(rng, n):
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(params=["faiss", "milvus-lite"])
+def uri(request, tmp_path):
+    if request.param == "faiss":
+        return f"faiss://{tmp_path / 'vectors'}"
+    pytest.importorskip("pymilvus", reason="the scale extra (pymilvus, milvus-lite) is not installed")
+    return f"milvus-lite://{tmp_path / 'milvus.db'}?name=photos"
+
+
+def filled(uri):
+    rng = np.random.default_rng(0)
+    s = open_store(uri, D)
+    g = unit(rng, 20)
+    s.add("global", np.arange(1, 21), np.arange(1, 21), g)
+    p = unit(rng, 20 * 4)
+    s.add("patches", np.arange(1, 21).repeat(4) * 4 + np.tile(np.arange(4), 20), np.arange(1, 21).repeat(4), p)
+    o = unit(rng, 10)
+    s.add("objects", np.arange(1, 11) * 256, np.arange(1, 11), o)
+    s.set_tags([1, 2, 3, 4], [["cat"], ["dog", "cat"], ["boat"], ["cat"]])
+    s.flush()
+    return s, g, p, o
+
+
+def brute(xb_ids, xb, q, k):
+    sims = xb @ q
+    order = np.argsort(-sims, kind="stable")[:k]
+    return xb_ids[order], sims[order]
+
+
+def test_search_equals_brute_force(uri):
+    s, g, p, o = filled(uri)
+    assert (s.count("global"), s.count("patches"), s.count("objects")) == (20, 80, 10)
+    for j in (0, 7, 13):
+        D_, I = s.search("global", g[j], 5)
+        ids, sims = brute(np.arange(1, 21), g, g[j], 5)
+        assert I[0].tolist() == ids.tolist() and np.allclose(D_[0], sims, atol=1e-5)
+    D_, I = s.search("objects", o[3], 3)
+    assert I[0, 0] == 4 * 256 and D_[0, 0] > 0.999
+    assert np.allclose(s.get("global", [3, 1]), g[[2, 0]], atol=1e-6)
+
+
+def test_filters_by_tag_and_photos(uri):
+    s, g, p, o = filled(uri)
+    _, I = s.search("global", g[10], 10, tag="cat")
+    assert sorted(I[0][I[0] >= 0].tolist()) == [1, 2, 4]
+    _, I = s.search("objects", o[0], 10, tag="boat")
+    assert I[0][I[0] >= 0].tolist() == [3 * 256]
+    _, I = s.search("patches", p[0], 100, photos=[5, 6])
+    assert set((I[0][I[0] >= 0] // 4).tolist()) == {5, 6} and (I[0] >= 0).sum() == 8
+    _, I = s.search("global", g[0], 10, photos=[1, 2, 3], tag="cat")
+    assert sorted(I[0][I[0] >= 0].tolist()) == [1, 2]
+
+
+def test_upsert_delete_and_reopen(uri):
+    s, g, p, o = filled(uri)
+    new = unit(np.random.default_rng(1), 1)
+    s.add("global", [5], [5], new)  # a changed photo: replaced, not duplicated
+    assert s.count("global") == 20
+    _, I = s.search("global", new[0], 1)
+    assert I[0, 0] == 5
+    s.remove_photos([1, 2, 3])
+    s.flush()
+    assert (s.count("global"), s.count("patches"), s.count("objects")) == (17, 68, 7)
+    _, I = s.search("global", g[0], 20)
+    assert not {1, 2, 3} & set(I[0].tolist())
+    again = open_store(uri, D)  # persisted
+    assert again.count("global") == 17
+    _, I = again.search("global", g[10], 10, tag="cat")
+    assert I[0][I[0] >= 0].tolist() == [4]
+
+
+def test_bad_uris_are_clear():
+    with pytest.raises(ConfigError, match="unknown store"):
+        open_store("redis://x", D)
+    with pytest.raises(ConfigError, match="needs a host"):
+        open_store("milvus:///photos", D)
+    with pytest.raises(ConfigError, match="unknown vector collection"):
+        open_store("faiss:///tmp/x-never", D).count("faces")
