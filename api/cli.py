@@ -107,9 +107,10 @@ def _index(args: argparse.Namespace, pool) -> int:
         from indexer.distributed import index_folder_ray
 
         stats = index_folder_ray(args.folder, idx, embedder, cfg, address=args.ray, num_workers=args.num_workers,
-                                 num_cpus=args.ray_cpus)
+                                 num_cpus=args.ray_cpus, store=args.store)
     else:
-        stats = index_folder(args.folder, idx, embedder, cfg, pool=pool, classifier=classifier, segmenter=segmenter)
+        stats = index_folder(args.folder, idx, embedder, cfg, pool=pool, classifier=classifier, segmenter=segmenter,
+                             store=args.store)
     tagged = f", {stats.labelled} tagged" if classifier is not None else ""
     if segmenter is not None:
         tagged += f", {stats.objects} objects in {stats.segmented} photos"
@@ -317,7 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "read routes are open to the network", file=sys.stderr)
     settings = Settings(index=Path(args.index).expanduser(), model=args.model, device=args.device, workers=args.workers,
                         max_upload_bytes=args.max_upload_mb * 2**20, commit_every=args.commit_every,
-                        upload_timeout=args.upload_timeout)
+                        upload_timeout=args.upload_timeout, store=args.store)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -413,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sam-min-stability", type=float, default=None, help=f"minimum stability score (default {sd.min_stability})")
     q.add_argument("--sam-min-area", type=float, default=None, help=f"minimum mask area, fraction of the photo (default {sd.min_area})")
     q.add_argument("--sam-nms", type=float, default=None, help=f"box IoU above which a mask is a duplicate (default {sd.nms_iou})")
+    q.add_argument("--store", default=None, metavar="URI",
+                   help="also keep the vectors in Milvus, which then answers searches: milvus://HOST:19530/NAME, "
+                        "or milvus-lite:///PATH.db (embedded); an index remembers its store")
     q.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="decode and embed on Ray: 'local' (a cluster of this machine), 'auto' or ray://HEAD:10001; "
                         "photos must be at the same path on every node")
@@ -471,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-upload-mb", type=int, default=32, help="largest accepted upload (default 32 MiB)")
     q.add_argument("--commit-every", type=int, default=200, help="photos between an index job's commits (default 200)")
     q.add_argument("--upload-timeout", type=float, default=30.0, help="seconds an upload may stall before it is dropped (default 30)")
+    q.add_argument("--store", default=None, metavar="URI", help="the vector store to search (default: the one the index was built with)")
     q.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("classify", help="top labels of a photo by the index's classifier",

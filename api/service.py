@@ -86,7 +86,7 @@ class Service:
             emb = self.embedder()
             with self._lock:
                 if self._engine is None:
-                    cfg = EngineConfig(max_pixels=self.settings.max_pixels)
+                    cfg = EngineConfig(max_pixels=self.settings.max_pixels, store=self.settings.store)
                     self._engine = Engine(self.settings.index, cfg, embedder=emb)
         return self._engine
 
@@ -144,7 +144,7 @@ class Service:
         engine = self.engine
         if not engine.path_of([photo_id]):
             return False
-        with Writer(self.settings.index, engine.manifest) as w:
+        with Writer(self.settings.index, engine.manifest, vectors=engine.vectors) as w:  # Milvus too, if it holds them
             w.delete([photo_id])
             w.commit()
         self.refresh()

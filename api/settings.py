@@ -19,6 +19,7 @@ class Settings:
     device: str = "auto"
     workers: int = 1  # decode processes of index jobs
     commit_every: int = 200  # photos between a job's commits: searches see new photos this often
+    store: str | None = None  # external vector store to search (default: the index's own)
 
     def __post_init__(self) -> None:
         if self.token is not None and len(self.token) < 16:

@@ -15,6 +15,7 @@ on every node (a shared folder).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -25,8 +26,8 @@ import numpy as np
 from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import ConfigError
 from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeJob, FileInfo, decode_file, scan
-from indexer.runner import IndexConfig, RunStats
-from indexer.store import Manifest, Writer
+from indexer.runner import IndexConfig, RunStats, open_writer
+from indexer.store import Writer
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ def index_folder_ray(
     num_workers: int = 2,
     num_cpus: int | None = None,
     on_commit: Callable[[RunStats], None] | None = None,
+    store: str | None = None,
 ) -> RunStats:
     """Bring the index at ``index_dir`` up to date with ``root`` using Ray for decoding and embedding.
 
@@ -114,10 +116,7 @@ def index_folder_ray(
     stats = RunStats()
     root = str(Path(root).expanduser().absolute())
     _ray_init(address, num_cpus)
-    manifest = Manifest.for_embedder(embedder, global_kind=config.global_kind, patch_kind=config.patch_kind)
-    with Writer(index_dir, manifest) as writer:
-        if writer.manifest is not manifest:
-            writer.manifest.check(embedder)
+    with open_writer(index_dir, embedder, config, store) as writer:
         scan_errors: list[tuple[str, str]] = []
         files = list(scan(root, scan_errors))
         stats.scanned = len(files)
@@ -172,8 +171,8 @@ def _run_pipeline(items, writer: Writer, embedder: Embedder, config: IndexConfig
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // b, 4 * num_workers)))
     ds = ds.map_batches(_decode_batch, fn_kwargs={"job": job}, batch_size=b, batch_format="numpy",
                         num_cpus=decode_cpus, max_retries=3)
-    ds = ds.map_batches(_EmbedActor, fn_constructor_kwargs={"config": actor_cfg, "threads": int(max(1, actor_cpus))},
-                        batch_size=b, batch_format="numpy", concurrency=num_workers, num_cpus=actor_cpus,
+    ds = ds.map_batches(_EmbedActor, fn_constructor_kwargs={"config": actor_cfg, "threads": max(1, math.ceil(actor_cpus))},
+                        batch_size=b, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_workers), num_cpus=actor_cpus,
                         num_gpus=1 if gpus else 0, max_restarts=2, max_task_retries=3)
     bar = tqdm(total=len(items), unit="photo", disable=not config.progress, desc="indexing (ray)", smoothing=0.1)
     since = 0

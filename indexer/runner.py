@@ -110,6 +110,7 @@ def index_folder(
     on_progress: Callable[[int, int], None] | None = None,
     classifier: Classifier | None = None,
     segmenter: Segmenter | None = None,
+    store: str | None = None,
 ) -> RunStats:
     """Bring the index at ``index_dir`` up to date with the photos below ``root``.
 
@@ -120,6 +121,8 @@ def index_folder(
     ``segmenter`` finds SAM objects in the same photos (decoded once, at two sizes),
     embeds each masked crop with the backbone and stores them in the object index;
     photos already indexed but not yet segmented are segmented without re-embedding.
+    ``store``: URI of an external vector store (milvus://HOST:19530/NAME, milvus-lite:///PATH.db)
+    that receives every vector too and serves searches (recorded in the manifest).
     """
 
     t0 = time.perf_counter()
@@ -128,7 +131,7 @@ def index_folder(
     if pool is None:
         pool = start_pool(config.workers)
     try:
-        return _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress, classifier, segmenter)
+        return _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress, classifier, segmenter, store)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -160,13 +163,33 @@ def _segment(embedder: Embedder, segmenter: Segmenter, writer: Writer, stats: Ru
     stats.stage_seconds["embed_objects"] += time.perf_counter() - t1
 
 
-def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress, classifier, segmenter) -> RunStats:
-    from tqdm import tqdm
+def open_writer(index_dir, embedder: Embedder, config: IndexConfig, store: str | None) -> Writer:
+    """The index's writer, checked against the model, with its external vector store if it has one."""
+    from indexer.errors import ConfigError
+    from indexer.store import current_snapshot
+    from indexer.vectors import open_store
 
     manifest = Manifest.for_embedder(embedder, global_kind=config.global_kind, patch_kind=config.patch_kind)
-    with Writer(index_dir, manifest) as writer:
+    root = Path(index_dir).expanduser()
+    old = Manifest.load_current(root) if root.is_dir() and current_snapshot(root) is not None else None
+    if old is not None and store is not None and old.store != store:
+        raise ConfigError(f"{root} keeps its vectors in {old.store or 'its own FAISS files'}, not {store}; use a new --index")
+    uri = store or (old.store if old is not None else None)
+    writer = Writer(index_dir, manifest, vectors=open_store(uri, embedder.dim) if uri else None)
+    try:
         if writer.manifest is not manifest:
             writer.manifest.check(embedder)
+        writer.manifest.store = uri
+    except BaseException:
+        writer.close()
+        raise
+    return writer
+
+
+def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress, classifier, segmenter, store) -> RunStats:
+    from tqdm import tqdm
+
+    with open_writer(index_dir, embedder, config, store) as writer:
         scan_errors: list[tuple[str, str]] = []
         files = list(scan(root, scan_errors))
         stats.scanned = len(files)

@@ -106,6 +106,7 @@ class Manifest:
     files: dict[str, dict[str, int | str]] = field(default_factory=dict)
     classifier: str | None = None  # the model that made the labels, if any
     segmenter: dict | None = None  # the SAM model and settings that made the objects, if any
+    store: str | None = None  # URI of an external vector store (Milvus) that also holds the vectors and serves them
     object_kind: str = "Flat"
     format_version: int = FORMAT_VERSION
     created: float = field(default_factory=time.time)
@@ -381,7 +382,9 @@ class Snapshot:
 class Writer:
     """The single writer of an index directory: catalog + indexes in memory, committed as snapshots."""
 
-    def __init__(self, root: str | os.PathLike, manifest: Manifest):
+    def __init__(self, root: str | os.PathLike, manifest: Manifest, *, vectors=None):
+        """``vectors``: an external VectorStore (indexer.vectors) kept in step with every change."""
+        self.vectors = vectors
         self.root = Path(root).expanduser().absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.root / "lock", "a+")
@@ -466,6 +469,8 @@ class Writer:
         self.db.executemany("DELETE FROM labels WHERE photo_id=?", [(int(i),) for i in photo_ids])
         self.db.executemany("INSERT INTO labels (photo_id, rank, label, prob) VALUES (?,?,?,?)",
                             [(int(i), r, lab, p) for i, tags in zip(photo_ids, labels) for r, (lab, p) in enumerate(tags)])
+        if self.vectors is not None:
+            self.vectors.set_tags(photo_ids, [[lab for lab, _ in tags] for tags in labels])
         self.dirty = True
 
     def unlabelled(self) -> set[int]:
@@ -488,6 +493,8 @@ class Writer:
                 self.manifest.object_kind = kind = "Flat" if kind.startswith("IVF") else kind
                 self.object_index = make_index(kind, self.manifest.dim, vectors)
             self.object_index.add_with_ids(vectors, ids)
+            if self.vectors is not None:
+                self.vectors.add("objects", ids, np.full(len(ids), int(photo_id), np.int64), vectors)
             self.db.executemany(
                 "INSERT INTO objects (id, photo_id, x0, y0, x1, y1, score, mask) VALUES (?,?,?,?,?,?,?,?)",
                 [(int(i), int(photo_id), *map(float, box), float(score), json.dumps(rle, separators=(",", ":")))
@@ -502,6 +509,8 @@ class Writer:
 
     def reset_objects(self) -> None:
         """Forget every object (another SAM model or settings: all photos are segmented anew)."""
+        if self.vectors is not None:
+            self.vectors.clear("objects")
         self.db.execute("DELETE FROM objects")
         self.db.execute("DELETE FROM segmented")
         self.object_index = None
@@ -516,6 +525,8 @@ class Writer:
         self.db.execute(f"DELETE FROM segmented WHERE photo_id IN ({q})", [int(i) for i in photo_ids])
         if ids and self.object_index is not None:
             self.object_index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64)))
+        if ids and self.vectors is not None:
+            self.vectors.remove_photos(photo_ids, kinds=("objects",))
 
     def record_failure(self, photo_id: int, path: str, size: int, mtime_ns: int, hash_: str | None, error: str) -> None:
         self.db.execute("DELETE FROM labels WHERE photo_id=?", (photo_id,))
@@ -559,6 +570,8 @@ class Writer:
         ids = np.asarray(photo_ids, np.int64)
         self.global_index.remove_ids(faiss.IDSelectorBatch(ids))
         self.patch_index.remove_ids(faiss.IDSelectorBatch(self._patch_ids(ids)))
+        if self.vectors is not None:
+            self.vectors.remove_photos(ids.tolist(), kinds=("global", "patches"))
 
     def add(self, rows: list[tuple[int, str, int, int, str, int, int]], cls: np.ndarray, patches: np.ndarray) -> None:
         """Add (or replace) photos: rows of (id, path, size, mtime_ns, hash, width, height), CLS [B, D], patches [B, h, w, D]."""
@@ -578,6 +591,9 @@ class Writer:
         self._remove_objects(replaced)  # a changed photo's objects are made again (or stay gone without --objects)
         self.global_index.add_with_ids(np.ascontiguousarray(cls, dtype=np.float32), ids)
         self.patch_index.add_with_ids(flat, self._patch_ids(ids))
+        if self.vectors is not None:  # upserts: a resumed run re-sending a photo leaves one copy
+            self.vectors.add("global", ids, ids, cls)
+            self.vectors.add("patches", self._patch_ids(ids), np.repeat(ids, m.grid * m.grid), flat)
         for r in rows:
             self._upsert(*r, "indexed", None)
 
@@ -655,6 +671,8 @@ class Writer:
             number = int(snaps[-1].name.split("-")[1]) + 1 if snaps else 1
             name = f"snap-{number:06d}"
             tmp = self.root / f"{name}.tmp"
+        if self.vectors is not None:
+            self.vectors.flush()  # the store holds everything the snapshot will name
         try:
             final = self._write_snapshot(tmp, name, prepared is not None)
         except (OSError, RuntimeError, sqlite3.Error) as e:  # FAISS reports write errors as RuntimeError

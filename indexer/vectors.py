@@ -36,7 +36,8 @@ class VectorStore(Protocol):
     dim: int
 
     def add(self, kind: str, ids: np.ndarray, photos: np.ndarray, vectors: np.ndarray) -> None: ...
-    def remove_photos(self, photo_ids: Iterable[int]) -> None: ...
+    def remove_photos(self, photo_ids: Iterable[int], kinds: Iterable[str] = KINDS) -> None: ...
+    def clear(self, kind: str) -> None: ...
     def set_tags(self, photo_ids: Iterable[int], tags: list[list[str]]) -> None: ...
     def search(self, kind: str, xq: np.ndarray, k: int, *, photos: Iterable[int] | None = None,
                tag: str | None = None) -> tuple[np.ndarray, np.ndarray]: ...
@@ -74,16 +75,22 @@ class FaissStore:
         self.index[kind].add_with_ids(np.ascontiguousarray(vectors, np.float32), ids)
         self.photo[kind].update(zip(ids.tolist(), np.asarray(photos, np.int64).tolist()))
 
-    def remove_photos(self, photo_ids) -> None:
+    def remove_photos(self, photo_ids, kinds=KINDS) -> None:
         gone = {int(p) for p in photo_ids}
-        for kind in KINDS:
+        for kind in kinds:
             ids = [i for i, p in self.photo[kind].items() if p in gone]
             if ids:
                 self.index[kind].remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64)))
                 for i in ids:
                     del self.photo[kind][i]
-        for p in gone:
-            self.tags.pop(p, None)
+        if "global" in kinds:
+            for p in gone:
+                self.tags.pop(p, None)
+
+    def clear(self, kind) -> None:
+        _check_kind(kind)
+        self.index[kind] = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self.photo[kind] = {}
 
     def set_tags(self, photo_ids, tags) -> None:
         for p, t in zip(photo_ids, tags):
@@ -167,11 +174,14 @@ class MilvusStore:
         for i in range(0, len(rows), 2000):
             self.client.upsert(self._coll(kind), rows[i:i + 2000])
 
-    def remove_photos(self, photo_ids) -> None:
+    def remove_photos(self, photo_ids, kinds=KINDS) -> None:
         ids = sorted({int(p) for p in photo_ids})
         if ids:
-            for kind in KINDS:
+            for kind in kinds:
                 self.client.delete(self._coll(kind), filter=f"photo in {ids}")
+
+    def clear(self, kind) -> None:
+        self.client.delete(self._coll(kind), filter="photo >= 0")
 
     def set_tags(self, photo_ids, tags) -> None:
         want = {int(p): list(t)[:MAX_TAGS] for p, t in zip(photo_ids, tags)}

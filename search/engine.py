@@ -87,6 +87,7 @@ class EngineConfig:
     precision: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
     nprobe: int = 32  # IVF lists visited per query (global and patch index); see scripts/bench_search.py
+    store: str | None = None  # external vector store URI; None: the one the manifest names, if any
 
 
 Query = str | os.PathLike | bytes | int
@@ -101,6 +102,7 @@ class Engine:
         self._embedder = embedder
         self._segmenter: Segmenter | None = None
         self._lock = threading.Lock()
+        self.vectors = None
         self._load(Snapshot.open(self.root))
 
     def _load(self, snap: Snapshot) -> None:
@@ -110,6 +112,11 @@ class Engine:
         self.manifest = snap.manifest
         self.db = snap.catalog()
         self.global_index = snap.global_index()
+        uri = self.config.store or self.manifest.store
+        if uri and self.vectors is None:  # Milvus (or another store) answers the vector searches
+            from indexer.vectors import open_store
+
+            self.vectors = open_store(uri, self.manifest.dim)
         ivf = faiss.try_extract_index_ivf(self.global_index)
         if ivf is not None:
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct by (any) id for the exact re-rank
@@ -223,9 +230,12 @@ class Engine:
         pid = np.asarray(photo_ids, np.int64)
         ids = (pid[:, None] * g2 + np.arange(g2)[None, :]).ravel()
         try:
-            with self._lock:
-                xb = self.patch_index.reconstruct_batch(ids)
-        except RuntimeError:
+            if self.vectors is not None:
+                xb = self.vectors.get("patches", ids)
+            else:
+                with self._lock:
+                    xb = self.patch_index.reconstruct_batch(ids)
+        except (RuntimeError, KeyError):
             raise UnknownPhoto(f"photo ids {sorted(set(pid.tolist()))[:5]} are not all in the index") from None
         return xb.reshape(len(pid), g2, self.manifest.dim)
 
@@ -337,8 +347,11 @@ class Engine:
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch((lo[:, None] + np.arange(MAX_OBJECTS)).ravel()))
         kk = min(n, max(8 * k, 64))
         while True:  # widen until k distinct photos are found (a photo may hold many similar objects)
-            with self._lock:
-                D, I = index.search(xq, kk, params=params)
+            if self.vectors is not None:
+                D, I = self.vectors.search("objects", xq, kk, photos=allowed)
+            else:
+                with self._lock:
+                    D, I = index.search(xq, kk, params=params)
             ok = I[0] >= 0
             ids, scores = I[0][ok], D[0][ok]
             best: dict[int, tuple[float, int]] = {}
@@ -400,8 +413,11 @@ class Engine:
         elif n_cand >= n:
             cand = np.array([i for (i,) in self.db.execute("SELECT id FROM photos WHERE status='indexed' ORDER BY id")], np.int64)
         else:
-            with self._lock:
-                D, I = self.patch_index.search(xq, min(patch_k, self.patch_index.ntotal))
+            if self.vectors is not None:
+                D, I = self.vectors.search("patches", xq, patch_k, photos=allowed)
+            else:
+                with self._lock:
+                    D, I = self.patch_index.search(xq, min(patch_k, self.patch_index.ntotal))
             valid = (I >= 0).ravel()
             qrow = np.repeat(np.arange(len(xq)), I.shape[1])[valid]
             photo, d = (I.ravel() // (grid * grid))[valid], D.ravel()[valid]
@@ -487,11 +503,17 @@ class Engine:
 
     def similar(self, query: Query, k: int = 10, *, allowed: set[int] | None = None, label: str | None = None) -> list[Hit]:
         """Photos most like the query (cosine on CLS), best first; ``allowed`` / ``label`` restrict the candidates."""
-        allowed = self._allowed(allowed, label)
         xq = np.ascontiguousarray(self.embed_query(query)[None], dtype=np.float32)
         n = len(self)
         if k <= 0 or n == 0:
             return []
+        if self.vectors is not None:  # exact search in the store, the tag filtered next to the vectors
+            D, I = self.vectors.search("global", xq, k, photos=allowed, tag=label)
+            ok = I[0] >= 0
+            ids, scores = I[0][ok], D[0][ok]
+            paths = self.path_of(ids.tolist())
+            return [Hit(int(i), paths.get(int(i), "?"), float(s)) for i, s in zip(ids, scores)]
+        allowed = self._allowed(allowed, label)
         exact = self.manifest.global_kind == "Flat"
         kk = min(n, k if exact else max(4 * k, 64))
         params = None

@@ -94,3 +94,50 @@ def test_bad_uris_are_clear():
         open_store("milvus:///photos", D)
     with pytest.raises(ConfigError, match="unknown vector collection"):
         open_store("faiss:///tmp/x-never", D).count("faces")
+
+
+def test_index_and_serve_with_milvus_behind(photos, embedder, tiny_model, tmp_path):
+    """`index --store milvus-lite://...`: Milvus gets every vector and answers global, tag, region and delete."""
+    pytest.importorskip("pymilvus", reason="the scale extra (pymilvus, milvus-lite) is not installed")
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+    from indexer.runner import IndexConfig, index_folder
+    from search import Engine
+
+    cfg = IndexConfig(workers=0, progress=False)
+    plain = tmp_path / "plain"
+    index_folder(photos, plain, embedder, cfg)
+    uri = f"milvus-lite://{tmp_path / 'm.db'}?name=photos"
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, cfg, store=uri)
+    e, local = Engine(idx, embedder=embedder), Engine(plain, embedder=embedder)
+    assert e.vectors is not None and e.manifest.store == uri
+    assert e.vectors.count("global") == 48 and e.vectors.count("patches") == 48 * 256
+    q = sorted(photos.rglob("*.jpg"))[5]
+    a, b = e.similar(q, 10), local.similar(q, 10)
+    assert [h.photo_id for h in a] == [h.photo_id for h in b]
+    np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
+    ra, rb = e.region(q, 5, box=(10, 10, 150, 120)), local.region(q, 5, box=(10, 10, 150, 120))
+    assert [h.photo_id for h in ra][:3] == [h.photo_id for h in rb][:3]  # SQ8 codes locally, exact floats in Milvus
+    # tags go to Milvus too, and filter there
+    from indexer.store import Manifest, Writer
+    from indexer.vectors import open_store
+
+    with Writer(idx, Manifest.load_current(idx), vectors=open_store(uri, embedder.dim)) as w:
+        w.set_labels([1, 2, 9], [[("kayak", 0.9)], [("kayak", 0.5)], [("tree", 0.7)]])
+        w.commit()
+    e.refresh()
+    assert sorted(h.photo_id for h in e.similar(q, 10, label="kayak")) == [1, 2]
+    # the server searches Milvus; a delete reaches it
+    token = "t0ken-for-the-tests-0123456789"
+    with TestClient(create_app(Settings(index=idx, token=token, model=str(tiny_model), device="cpu", workers=0))) as client:
+        hits = client.get("/photos/3/similar", params={"k": 5}).json()["results"]
+        assert hits[0]["id"] == 3
+        assert client.delete("/photos/3", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert 3 not in [h["id"] for h in client.get("/photos/4/similar", params={"k": 48}).json()["results"]]
+    assert open_store(uri, embedder.dim).count("global") == 47
+    # a rerun after the delete re-adds the photo once (upsert), as the local files do
+    index_folder(photos, idx, embedder, cfg)
+    assert open_store(uri, embedder.dim).count("global") == 48
