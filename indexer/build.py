@@ -31,7 +31,17 @@ import faiss
 import numpy as np
 
 from indexer.errors import ConfigError
-from indexer.store import Manifest, Writer, index_ids, make_index, on_disk_lists
+from indexer.store import (
+    GLOBAL_FILE,
+    PATCH_FILE,
+    Manifest,
+    Writer,
+    current_snapshot,
+    index_ids,
+    make_index,
+    on_disk_lists,
+    read_index_mapped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +135,18 @@ def build_index(index_dir: str | os.PathLike, *, kind: str | None = None, patch_
     """Rebuild the global and patch indexes of ``index_dir`` by size and memory budget, merged on disk."""
     report = BuildReport()
     root = Path(index_dir).expanduser().absolute()
-    with Writer(root, Manifest.load_current(root)) as w:
-        if w.global_index is None or w.global_index.ntotal == 0:
+    with Writer(root, Manifest.load_current(root), load_indexes=False) as w:
+        snap = current_snapshot(root)
+        # the sources are read from the live snapshot with their codes memory-mapped: they need not fit in RAM
+        sources = {"global_index": read_index_mapped(snap / GLOBAL_FILE), "patch_index": read_index_mapped(snap / PATCH_FILE)}
+        if sources["global_index"].ntotal == 0:
             raise ConfigError(f"{root} holds no vectors yet: index a folder first")
         m = w.manifest
         built = {}
         tmp = w.begin_snapshot()
         final = w.root / tmp.name.removesuffix(".tmp")
         for attr, name, forced in (("global_index", "global", kind), ("patch_index", "patches", patch_kind)):
-            src = getattr(w, attr)
+            src = sources[attr]
             n = int(src.ntotal)
             k = forced or plan_kind(n, m.dim, memory // 2)  # the budget is shared by the two indexes
             t = time.perf_counter()

@@ -281,6 +281,16 @@ def _stdout_to_stderr():
         os.close(saved)
 
 
+def read_index_mapped(path: Path) -> faiss.Index:
+    """Read an index with flat codes memory-mapped (Flat, SQ, PQ storage): its vectors need not fit in RAM."""
+    if not path.is_file():
+        raise IndexFormatError(f"{path} is missing")
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        return read_index(path)  # kinds FAISS cannot map (IVF with lists in memory): read whole
+
+
 def read_index(path: Path, *, mmap: bool = False) -> faiss.Index:
     if not path.is_file():
         raise IndexFormatError(f"{path} is missing")
@@ -382,9 +392,11 @@ class Snapshot:
 class Writer:
     """The single writer of an index directory: catalog + indexes in memory, committed as snapshots."""
 
-    def __init__(self, root: str | os.PathLike, manifest: Manifest, *, vectors=None):
-        """``vectors``: an external VectorStore (indexer.vectors) kept in step with every change."""
+    def __init__(self, root: str | os.PathLike, manifest: Manifest, *, vectors=None, load_indexes: bool = True):
+        """``vectors``: an external VectorStore (indexer.vectors) kept in step with every change.
+        ``load_indexes=False``: the global and patch indexes are not loaded (build-index replaces them)."""
         self.vectors = vectors
+        self._replacing = not load_indexes
         self.root = Path(root).expanduser().absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.root / "lock", "a+")
@@ -409,10 +421,10 @@ class Writer:
             src.close()
             self.db.executescript(SCHEMA)  # tables added since the snapshot was written
             self.manifest = old.manifest
-            self.global_index = to_memory(old.global_index())
-            self.patch_index = to_memory(old.patch_index())
+            self.global_index = to_memory(old.global_index()) if load_indexes else None
+            self.patch_index = to_memory(old.patch_index()) if load_indexes else None
             self.object_index = old.object_index()
-            if self.global_index.ntotal == 0:  # built on the first add, with its chosen kind
+            if self.global_index is not None and self.global_index.ntotal == 0:  # built on the first add, with its kind
                 self.global_index = self.patch_index = None
             if self.object_index.ntotal == 0:
                 self.object_index = None
@@ -663,6 +675,8 @@ class Writer:
         ``prepared``: a directory from begin_snapshot() already holding extra files (kept, not recreated)."""
         if not self.dirty and current_snapshot(self.root) is not None and prepared is None:
             return None
+        if self._replacing and (self.global_index is None or self.patch_index is None):
+            raise IndexWriteError("a writer opened without its indexes must be given new ones before a commit")
         self._refit_kinds()
         if prepared is not None:
             tmp, name = prepared, prepared.name.removesuffix(".tmp")
