@@ -25,8 +25,8 @@ import numpy as np
 
 from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import ConfigError
-from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeJob, FileInfo, decode_file, scan
-from indexer.runner import IndexConfig, RunStats, open_writer
+from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeJob, FileInfo, decode_file
+from indexer.runner import IndexConfig, RunStats, open_writer, sync_catalog
 from indexer.store import Writer
 
 log = logging.getLogger(__name__)
@@ -117,20 +117,7 @@ def index_folder_ray(
     root = str(Path(root).expanduser().absolute())
     _ray_init(address, num_cpus)
     with open_writer(index_dir, embedder, config, store) as writer:
-        scan_errors: list[tuple[str, str]] = []
-        files = list(scan(root, scan_errors))
-        stats.scanned = len(files)
-        known = writer.known()
-        seen = {f.path for f in files} | {p for p, _ in scan_errors}
-        prefix = root.rstrip(os.sep) + os.sep
-        gone = [v[0] for p, v in known.items() if p.startswith(prefix) and p not in seen]
-        writer.delete(gone)
-        stats.deleted = len(gone)
-        for path, reason in scan_errors:
-            if path not in known:
-                writer.record_failure(writer.allocate_id(), path, 0, 0, None, reason)
-                stats.failed += 1
-                stats.failures.append((path, reason))
+        files, known = sync_catalog(root, writer, stats)
         items: list[dict] = []
         for f in files:  # ids assigned here, in scan order: the same ids a local run gives
             k = known.get(f.path)

@@ -186,21 +186,31 @@ def open_writer(index_dir, embedder: Embedder, config: IndexConfig, store: str |
     return writer
 
 
+def sync_catalog(root: str, writer: Writer, stats: RunStats) -> tuple[list[FileInfo], dict]:
+    """Scan ``root``, forget the photos gone from it and record the files the scan could not read
+    (they take the next ids). Returns the files found and the catalog as it was: path -> row."""
+    scan_errors: list[tuple[str, str]] = []
+    files = list(scan(root, scan_errors))
+    stats.scanned = len(files)
+    known = writer.known()
+    seen = {f.path for f in files} | {p for p, _ in scan_errors}
+    prefix = root.rstrip(os.sep) + os.sep
+    gone = [v[0] for p, v in known.items() if p.startswith(prefix) and p not in seen]
+    writer.delete(gone)
+    stats.deleted = len(gone)
+    for path, reason in scan_errors:
+        if path not in known:
+            writer.record_failure(writer.allocate_id(), path, 0, 0, None, reason)
+            stats.failed += 1
+            stats.failures.append((path, reason))
+    return files, known
+
+
 def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress, classifier, segmenter, store) -> RunStats:
     from tqdm import tqdm
 
     with open_writer(index_dir, embedder, config, store) as writer:
-        scan_errors: list[tuple[str, str]] = []
-        files = list(scan(root, scan_errors))
-        stats.scanned = len(files)
-        known = writer.known()
-        seen = {f.path for f in files} | {p for p, _ in scan_errors}
-
-        prefix = root.rstrip(os.sep) + os.sep
-        gone = [v[0] for p, v in known.items() if p.startswith(prefix) and p not in seen]
-        writer.delete(gone)
-        stats.deleted = len(gone)
-
+        files, known = sync_catalog(root, writer, stats)
         need_labels: set[int] = set()
         if classifier is not None:
             if writer.manifest.classifier not in (None, classifier.config.model):
@@ -227,11 +237,6 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
             else:
                 stats.changed += 1
             todo.append(f)
-        for path, reason in scan_errors:
-            if path not in known:
-                writer.record_failure(writer.allocate_id(), path, 0, 0, None, reason)
-                stats.failed += 1
-                stats.failures.append((path, reason))
 
         job = DecodeJob(embedder.config.resolution, config.max_pixels, config.max_bytes,
                         large_side=segmenter.side if segmenter is not None else 0)

@@ -25,12 +25,16 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
 
-@pytest.fixture
-def server(photos, embedder, tiny_model, tmp_path):
+def require_chromium() -> None:
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
         pytest.skip("Debian's chromium is not installed here (`make browser` installs it; CI always does)")
+
+
+@pytest.fixture
+def server(photos, embedder, tiny_model, tmp_path):
+    require_chromium()
     idx = tmp_path / "idx"
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
     app = create_app(Settings(index=idx, model=str(tiny_model), device="cpu", workers=0))
@@ -131,10 +135,7 @@ def test_objects_click_and_box_in_the_browser(photos, embedder, tiny_model, tmp_
     from indexer.objects import Segmenter, SegmenterConfig
     from indexer.testing import save_random_sam
 
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
-        pytest.skip("Debian's chromium is not installed here (`make browser` installs it; CI always does)")
+    require_chromium()
     folder = tmp_path / "few"
     folder.mkdir()
     for p in sorted(photos.rglob("*.jpg"))[:8]:
