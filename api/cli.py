@@ -29,6 +29,9 @@ EPILOG = """examples:
   dinosearch search ~/photos.idx query.jpg --label "golden retriever" -k 10
   dinosearch search ~/photos.idx query.jpg --objects -k 10
   dinosearch search ~/photos.idx query.jpg --point 210,160 -k 10
+  dinosearch index /shared/photos --index ~/photos.idx --ray local --num-workers 2
+  dinosearch build-index ~/photos.idx --memory 8GB
+  dinosearch index ~/Photos --index ~/photos.idx --store milvus://milvus-host:19530/photos
   dinosearch info ~/photos.idx
 """
 
@@ -101,13 +104,14 @@ def _index(args: argparse.Namespace, pool) -> int:
         segmenter = Segmenter(SegmenterConfig(**{"model": DEFAULT_SEGMENTER} | settings),
                               device=embedder.device, precision=embedder.precision)
     if args.ray:
-        if classifier is not None or segmenter is not None:
-            raise DinosearchError("--classify and --objects do not run on Ray yet: index with --ray first, then run "
-                                  "`dinosearch index FOLDER --index IDX --classify/--objects` on one machine (no re-embedding)")
+        if segmenter is not None:
+            raise DinosearchError("--objects does not run on Ray yet: index with --ray first, then run "
+                                  "`dinosearch index FOLDER --index IDX --objects` on one machine (no re-embedding)")
         from indexer.distributed import index_folder_ray
 
         stats = index_folder_ray(args.folder, idx, embedder, cfg, address=args.ray, num_workers=args.num_workers,
-                                 num_cpus=args.ray_cpus, store=args.store)
+                                 num_cpus=args.ray_cpus, store=args.store,
+                                 classifier=classifier.config.model if classifier is not None else None)
     else:
         stats = index_folder(args.folder, idx, embedder, cfg, pool=pool, classifier=classifier, segmenter=segmenter,
                              store=args.store)
@@ -425,9 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_index)
 
-    q = sub.add_parser("search", help="photos like a query photo, or containing a region of it",
-                       description="Rank indexed photos by similarity to a query photo (global), or by how well they "
-                                   "contain a region of it (--box, --mask, --part), with where the match is.")
+    q = sub.add_parser("search", help="photos like a query photo, containing a region of it, or holding its object",
+                       description="Rank indexed photos by similarity to a query photo (global), by how well they "
+                                   "contain a region of it (--box, --mask, --part), or by their SAM objects "
+                                   "(--objects, --point, --box with --objects), with where the match is.")
     q.add_argument("index", help="index directory")
     q.add_argument("query", help="query photo (path), or a photo id with --id")
     q.add_argument("-k", type=int, default=10, help="number of results (default 10)")

@@ -14,6 +14,7 @@ on every node (a shared folder).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ def _decode_batch(batch: dict, job: DecodeJob) -> dict:
     """Ray Data CPU task: decode a block of files (bad files come back with their reason)."""
     n = len(batch["id"])
     res = job.resolution
-    out = {k: batch[k] for k in ("id", "path")}
+    out = {k: batch[k] for k in ("id", "path", "tags_only")}
     out.update(size=np.zeros(n, np.int64), mtime_ns=np.zeros(n, np.int64), hash=np.empty(n, object),
                width=np.zeros(n, np.int64), height=np.zeros(n, np.int64), error=np.empty(n, object),
                pixels=np.zeros((n, res, res, 3), np.uint8))
@@ -50,24 +51,35 @@ def _decode_batch(batch: dict, job: DecodeJob) -> dict:
 
 
 class _EmbedActor:
-    """Ray Data actor: one model per actor, loaded once, fed whole batches."""
+    """Ray Data actor: one model (and classifier, if asked) per actor, loaded once, fed whole batches."""
 
-    def __init__(self, config: EmbedderConfig, threads: int):
+    def __init__(self, config: EmbedderConfig, threads: int, classifier: str | None = None):
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.embedder = Embedder(config)
+        self.classifier = None
+        if classifier is not None:
+            from indexer.classifier import Classifier, ClassifierConfig
+
+            self.classifier = Classifier(ClassifierConfig(model=classifier), device=self.embedder.device,
+                                         precision=self.embedder.precision)
 
     def __call__(self, batch: dict) -> dict:
         ok = np.array([e == "" for e in batch["error"]])
+        embed = ok & ~np.asarray(batch["tags_only"], bool)  # photos already indexed only want their tags
         n, e = len(ok), self.embedder
         cls = np.zeros((n, e.dim), np.float32)
         patches = np.zeros((n, e.grid, e.grid, e.dim), np.float32)
-        if ok.any():
-            out = e.embed(batch["pixels"][ok])
-            cls[ok], patches[ok] = out.cls, out.patches
+        if embed.any():
+            out = e.embed(batch["pixels"][embed])
+            cls[embed], patches[embed] = out.cls, out.patches
+        tags = np.full(n, "", object)
+        if self.classifier is not None and ok.any():
+            for j, t in zip(np.flatnonzero(ok), self.classifier.classify(batch["pixels"][ok])):
+                tags[j] = json.dumps(t)
         rest = {k: v for k, v in batch.items() if k != "pixels"}
-        return rest | {"cls": cls, "patches": patches}
+        return rest | {"cls": cls, "patches": patches, "tags": tags}
 
 
 def _ray_init(address: str, num_cpus: int | None) -> None:
@@ -102,12 +114,15 @@ def index_folder_ray(
     num_cpus: int | None = None,
     on_commit: Callable[[RunStats], None] | None = None,
     store: str | None = None,
+    classifier: str | None = None,
 ) -> RunStats:
     """Bring the index at ``index_dir`` up to date with ``root`` using Ray for decoding and embedding.
 
     ``embedder`` is the driver's copy, used for the manifest (model, fingerprint); the actors load
     the same model from ``embedder.config``. ``address`` is "local" (a cluster of this machine,
-    ``num_cpus`` CPUs) or a Ray address ("auto", "ray://head:10001").
+    ``num_cpus`` CPUs) or a Ray address ("auto", "ray://head:10001"). ``classifier`` (hub id or
+    directory) tags photos inside the actors, from the same pixels; indexed photos without tags are
+    decoded and tagged without re-embedding.
     """
 
     if num_workers < 1:
@@ -118,19 +133,28 @@ def index_folder_ray(
     _ray_init(address, num_cpus)
     with open_writer(index_dir, embedder, config, store) as writer:
         files, known = sync_catalog(root, writer, stats)
+        need_labels: set[int] = set()
+        if classifier is not None:
+            if writer.manifest.classifier not in (None, classifier):
+                writer.db.execute("DELETE FROM labels")  # another classifier's tags: every photo is tagged anew
+            writer.manifest.classifier = classifier
+            need_labels = writer.unlabelled()
         items: list[dict] = []
         for f in files:  # ids assigned here, in scan order: the same ids a local run gives
             k = known.get(f.path)
             if k is not None and (k[1], k[2]) == (f.size, f.mtime_ns) and (k[4] == "indexed" or not config.retry_failed):
                 stats.unchanged += 1
+                if k[0] in need_labels:
+                    items.append({"id": k[0], "path": f.path, "size": f.size, "mtime_ns": f.mtime_ns, "tags_only": True})
                 continue
             if k is None:
                 stats.new += 1
             else:
                 stats.changed += 1
-            items.append({"id": k[0] if k else writer.allocate_id(), "path": f.path, "size": f.size, "mtime_ns": f.mtime_ns})
+            items.append({"id": k[0] if k else writer.allocate_id(), "path": f.path, "size": f.size, "mtime_ns": f.mtime_ns,
+                          "tags_only": False})
         if items:
-            _run_pipeline(items, writer, embedder, config, stats, num_workers, on_commit, known)
+            _run_pipeline(items, writer, embedder, config, stats, num_workers, on_commit, known, classifier)
         writer.commit()
         stats.commits += 1
     stats.seconds = time.perf_counter() - t0
@@ -138,7 +162,7 @@ def index_folder_ray(
 
 
 def _run_pipeline(items, writer: Writer, embedder: Embedder, config: IndexConfig, stats: RunStats, num_workers: int,
-                  on_commit, known) -> None:
+                  on_commit, known, classifier: str | None) -> None:
     import ray
     import ray.data
     from tqdm import tqdm
@@ -158,7 +182,7 @@ def _run_pipeline(items, writer: Writer, embedder: Embedder, config: IndexConfig
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // b, 4 * num_workers)))
     ds = ds.map_batches(_decode_batch, fn_kwargs={"job": job}, batch_size=b, batch_format="numpy",
                         num_cpus=decode_cpus, max_retries=3)
-    ds = ds.map_batches(_EmbedActor, fn_constructor_kwargs={"config": actor_cfg, "threads": max(1, math.ceil(actor_cpus))},
+    ds = ds.map_batches(_EmbedActor, fn_constructor_kwargs={"config": actor_cfg, "threads": max(1, math.ceil(actor_cpus)), "classifier": classifier},
                         batch_size=b, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_workers), num_cpus=actor_cpus,
                         num_gpus=1 if gpus else 0, max_restarts=2, max_task_retries=3)
     bar = tqdm(total=len(items), unit="photo", disable=not config.progress, desc="indexing (ray)", smoothing=0.1)
@@ -171,6 +195,11 @@ def _run_pipeline(items, writer: Writer, embedder: Embedder, config: IndexConfig
                 writer.record_failure(pid, path, int(batch["size"][j]), int(batch["mtime_ns"][j]), batch["hash"][j] or None, e)
                 stats.failed += 1
                 stats.failures.append((path, e))
+        tagged = [j for j in ok if batch["tags"][j] != ""]
+        if tagged:
+            writer.set_labels([int(batch["id"][j]) for j in tagged], [[tuple(t) for t in json.loads(batch["tags"][j])] for j in tagged])
+            stats.labelled += len(tagged)
+        ok = [j for j in ok if not batch["tags_only"][j]]
         if ok:
             rows = []
             keep = []

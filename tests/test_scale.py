@@ -113,5 +113,16 @@ def test_ray_local_cluster_gives_the_single_process_catalog_and_results(photos, 
         b = json.loads(run("search", str(one), str(q), "-k", "10", "--json").stdout)
         assert [h["id"] for h in a] == [h["id"] for h in b]
         np.testing.assert_allclose([h["score"] for h in a], [h["score"] for h in b], atol=1e-4)
-    # a rerun skips what was committed
-    assert "0 indexed" in run("index", str(photos), "--index", str(dist), "-q", "--ray", "local", "--ray-cpus", "2").stdout
+    # a rerun skips what was committed; with --classify it only tags (in the actors), as one machine does
+    from indexer.testing import save_random_classifier
+
+    vit = save_random_classifier(tmp_path / "vit", ["cat", "dog", "boat", "tree", "lamp", "plane"])
+    out = run("index", str(photos), "--index", str(dist), "-q", "--ray", "local", "--ray-cpus", "2",
+              "--classify", "--classifier", str(vit)).stdout
+    assert "0 indexed, 48 tagged" in out
+    run("index", str(photos), "--index", str(one), "-q", "--classify", "--classifier", str(vit))
+
+    def tags(i):
+        return Snapshot.open(i).catalog().execute("SELECT photo_id, rank, label, round(prob, 4) FROM labels ORDER BY 1, 2").fetchall()
+
+    assert len(tags(dist)) == 48 * 5 and tags(dist) == tags(one)
