@@ -10,6 +10,9 @@ MODEL   ?= facebook/dinov2-small
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TORCH   ?= torch==2.13.0
 FAISS   ?= cpu
+comma   := ,
+# Milvus Lite pulls faiss-cpu: only where faiss-cpu is the FAISS wheel anyway
+EXTRAS  ?= $(FAISS),dev,scale$(if $(filter cpu,$(FAISS)),$(comma)lite)
 DEMO_INDEX ?= demo-index
 DEMO_PHOTOS ?= data/caltech101-sample/images
 QUERY   ?= data/caltech101-sample/images/airplanes__image_0001.jpg
@@ -22,7 +25,7 @@ $(BIN)/dinosearch: pyproject.toml
 	# CPU build of torch first (a plain `torch` would pull the multi-GB CUDA build);
 	# on a GPU machine: make setup TORCH=torch FAISS=gpu
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[$(FAISS),dev,scale]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	@touch $@
 
 setup: $(BIN)/dinosearch

@@ -77,3 +77,13 @@ def live_server(app):
     finally:
         srv.should_exit = True
         t.join(10)
+
+
+def need(module: str, what: str) -> None:
+    """Skip without an optional package on a developer machine; under CI (which installs it) fail instead."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module} is missing: `make setup` installs {what}")
+        pytest.skip(f"{module} is not installed ({what})")

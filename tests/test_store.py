@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import need
 
 from indexer.errors import ConfigError
 from indexer.vectors import open_store
@@ -21,7 +22,7 @@ def unit(rng, n):
 def uri(request, tmp_path):
     if request.param == "faiss":
         return f"faiss://{tmp_path / 'vectors'}"
-    pytest.importorskip("pymilvus", reason="the scale extra (pymilvus, milvus-lite) is not installed")
+    need("milvus_lite", "the lite extra (Milvus Lite)")
     return f"milvus-lite://{tmp_path / 'milvus.db'}?name=photos"
 
 
@@ -98,7 +99,7 @@ def test_bad_uris_are_clear():
 
 def test_index_and_serve_with_milvus_behind(photos, embedder, tiny_model, tmp_path):
     """`index --store milvus-lite://...`: Milvus gets every vector and answers global, tag, region and delete."""
-    pytest.importorskip("pymilvus", reason="the scale extra (pymilvus, milvus-lite) is not installed")
+    need("milvus_lite", "the lite extra (Milvus Lite)")
     from fastapi.testclient import TestClient
 
     from api.app import create_app
