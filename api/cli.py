@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="auto: bf16/fp16 on GPU, bf16 on CPUs with native bf16 when faster, else fp32")
 
+    def query_flags(q: argparse.ArgumentParser) -> None:
+        model_flags(q, "default: the model that built the index")
+        q.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query, for IVF index kinds (default 32)")
+
     q = sub.add_parser("index", help="index the photos in a folder (again: only what changed)",
                        description="Index the photos below FOLDER into the index directory; re-running updates it.")
     q.add_argument("folder", help="folder of photos (searched recursively)")
@@ -447,8 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--label", default=None, help="only photos with this class tag (see `dinosearch info`)")
     q.add_argument("--draw", default=None, metavar="DIR", help="save each result with its heat map and match box in DIR")
     q.add_argument("--json", action="store_true", help="print results as JSON")
-    model_flags(q, "default: the model that built the index")
-    q.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query, for IVF index kinds (default 32)")
+    query_flags(q)
     q.set_defaults(func=cmd_search)
 
     q = sub.add_parser("parts", help="k-means parts of a photo, or recurring parts of the collection",
@@ -464,8 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--top", type=int, default=10, help="results for --search (default 10)")
     q.add_argument("--out", default=None, help="photo: overlay PNG to write; --collection: folder for exemplar crops + parts.json")
     q.add_argument("--json", action="store_true", help="print as JSON")
-    model_flags(q, "default: the model that built the index")
-    q.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query, for IVF index kinds (default 32)")
+    query_flags(q)
     q.set_defaults(func=cmd_parts)
 
     q = sub.add_parser("serve", help="HTTP API and web page over an index",

@@ -85,9 +85,8 @@ class BuildReport:
 def _vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
     """Stored vectors of ``ids`` (decoded for compressed kinds)."""
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
+    if ivf is not None and ivf.direct_map.type != faiss.DirectMap.Hashtable:  # reconstruct by any id
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-        return index.reconstruct_batch(ids)
     return index.reconstruct_batch(ids)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer.embedder import load_pretrained
+from indexer.embedder import gpu_autocast, load_pretrained
 
 DEFAULT_CLASSIFIER = "google/vit-base-patch16-224"
 
@@ -27,7 +27,7 @@ class ClassifierConfig:
     top_k: int = 5
 
 
-def _processor_config(model: torch.nn.Module, name: str) -> dict:
+def processor_config(model: torch.nn.Module, name: str) -> dict:
     """preprocessor_config.json of a local model directory or a cached hub model ({} if none)."""
     path = Path(getattr(model.config, "_name_or_path", "") or name)
     if path.is_dir():
@@ -50,7 +50,7 @@ class Classifier:
 
         self.config = config
         self.model = load_pretrained(config.model, config.revision, AutoModelForImageClassification, what="an image classifier")
-        pc = _processor_config(self.model, config.model)
+        pc = processor_config(self.model, config.model)
         size = pc.get("size", {})
         side = size.get("height") or size.get("shortest_edge") or getattr(self.model.config, "image_size", 224)
         self.side = int(side if isinstance(side, int) else side[0])
@@ -71,11 +71,9 @@ class Classifier:
         if x.shape[-1] != self.side or x.shape[-2] != self.side:
             x = torch.nn.functional.interpolate(x, size=(self.side, self.side), mode="bilinear", antialias=True, align_corners=False)
         x = (x - self._mean) / self._std
-        gpu_half = self.device.type in ("cuda", "mps") and self.precision in ("bf16", "fp16")
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         if self.device.type == "cpu" and self.precision == "bf16":
             x = x.to(torch.bfloat16)
-        with self._lock, torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=gpu_half):
+        with self._lock, torch.inference_mode(), gpu_autocast(self.device, self.precision):
             probs = self.model(pixel_values=x).logits.float().softmax(-1)
         k = min(self.config.top_k, probs.shape[-1])
         p, i = probs.topk(k, dim=-1)

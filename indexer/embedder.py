@@ -95,6 +95,12 @@ def _offline_message(model: str) -> str:
     )
 
 
+def gpu_autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on a GPU (cuda, mps); a no-op context on CPU, where bf16 means bf16 weights instead."""
+    half = device.type in ("cuda", "mps") and precision in ("bf16", "fp16")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16, enabled=half)
+
+
 def load_pretrained(model: str, revision: str | None, auto_class: type, *, types: tuple[str, ...] | None = None,
                     what: str = "DINOv2", **load_kwargs) -> torch.nn.Module:
     """Load a transformers model by local directory or hub id, failing in one clear line.
@@ -235,9 +241,7 @@ class Embedder:
 
     def _forward(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = self._to_input(pixels)
-        gpu_half = self.device.type in ("cuda", "mps") and self.precision in ("bf16", "fp16")
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=gpu_half):
+        with torch.inference_mode(), gpu_autocast(self.device, self.precision):
             h = self.model(pixel_values=x).last_hidden_state  # [B, 1 + R + h*w, D], layer-normed
             h = torch.nn.functional.normalize(h.float(), dim=-1)
         cls = h[:, 0]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from indexer.embedder import load_pretrained
+from indexer.embedder import gpu_autocast, load_pretrained
 
 DEFAULT_SEGMENTER = "facebook/sam-vit-base"
 NEUTRAL = (124, 116, 104)  # ImageNet mean colour: what the backbone sees as "nothing"
@@ -157,11 +157,11 @@ class Segmenter:
     def __init__(self, config: SegmenterConfig = SegmenterConfig(), *, device: torch.device, precision: str = "fp32"):
         from transformers import SamModel
 
-        from indexer.classifier import _processor_config
+        from indexer.classifier import processor_config
 
         self.config = config
         self.model = load_pretrained(config.model, config.revision, SamModel, types=("sam",), what="a SAM segmentation model")
-        pc = _processor_config(self.model, config.model)
+        pc = processor_config(self.model, config.model)
         self.side = int(pc.get("size", {}).get("longest_edge") or self.model.config.vision_config.image_size)
         mean = pc.get("image_mean", [0.485, 0.456, 0.406])
         std = pc.get("image_std", [0.229, 0.224, 0.225])
@@ -170,11 +170,6 @@ class Segmenter:
         self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
         self._lock = threading.Lock()
-
-    def _autocast(self):
-        half = self.device.type in ("cuda", "mps") and self.precision in ("bf16", "fp16")
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype, enabled=half)
 
     def _scale(self, h: int, w: int) -> float:
         return self.side / max(h, w)
@@ -188,12 +183,12 @@ class Segmenter:
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         x = (x - self._mean) / self._std
         x = F.pad(x, (0, self.side - nw, 0, self.side - nh))
-        with self._autocast():
+        with gpu_autocast(self.device, self.precision):
             return self.model.get_image_embeddings(x)
 
-    def _masks(self, emb: torch.Tensor, hw: tuple[int, int], **prompt) -> tuple[torch.Tensor, torch.Tensor]:
+    def _masks(self, emb: torch.Tensor, **prompt) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder logits [P, 3, 256, 256] and predicted IoUs [P, 3] for a batch of prompts."""
-        with self._autocast():
+        with gpu_autocast(self.device, self.precision):
             out = self.model(image_embeddings=emb, multimask_output=True, **prompt)
         return out.pred_masks[0].float(), out.iou_scores[0].float()
 
@@ -226,7 +221,7 @@ class Segmenter:
             for i in range(0, len(pts), c.points_per_batch):
                 p = torch.from_numpy(self._to_model(pts[i:i + c.points_per_batch], (h, w))).float().to(self.device)
                 labels = torch.ones(1, len(p), 1, dtype=torch.long, device=self.device)
-                logits, iou = self._masks(emb, (h, w), input_points=p[None, :, None, :], input_labels=labels)
+                logits, iou = self._masks(emb, input_points=p[None, :, None, :], input_labels=labels)
                 logits, iou = logits.flatten(0, 1), iou.flatten()
                 hi = (logits > c.stability_offset).sum((-1, -2)).float()
                 lo = (logits > -c.stability_offset).sum((-1, -2)).float()
@@ -255,7 +250,7 @@ class Segmenter:
         return masks
 
     def _best(self, emb: torch.Tensor, hw: tuple[int, int], **prompt) -> Mask | None:
-        logits, iou = self._masks(emb, hw, **prompt)
+        logits, iou = self._masks(emb, **prompt)
         j = int(iou[0].argmax())
         m = self._upscale(logits[0, j][None], hw)[0]
         return Mask(m, mask_box(m), float(iou[0, j])) if m.any() else None

@@ -128,7 +128,7 @@ def main() -> None:
         with torch.inference_mode():
             for i in range(0, len(xy), 64):
                 p = torch.from_numpy(seg._to_model(xy[i:i + 64], (h, w))).float()
-                seg._masks(emb, (h, w), input_points=p[None, :, None, :], input_labels=torch.ones(1, len(p), 1, dtype=torch.long))
+                seg._masks(emb, input_points=p[None, :, None, :], input_labels=torch.ones(1, len(p), 1, dtype=torch.long))
         t_dec = time.perf_counter() - t
         print(f"  {pts:3d} x {pts:<3d} = {pts * pts:5d} prompts: decoder {t_dec:6.2f} s/photo, SAM total {t_enc + t_dec:6.2f} s/photo "
               f"(x{(t_enc + t_dec) / t_enc:.2f} the encoder alone)")

@@ -189,27 +189,27 @@ class Engine:
         rows = self.db.execute(f"SELECT id, path FROM photos WHERE id IN ({q})", [int(i) for i in photo_ids])
         return {i: os.fsdecode(p) for i, p in rows}
 
-    def _labels_query(self, sql: str, args: list) -> list[tuple]:
+    def _catalog_query(self, sql: str, args: list) -> list[tuple]:
         try:
             return self.db.execute(sql, args).fetchall()
-        except sqlite3.OperationalError:  # a catalog from before class tags existed
+        except sqlite3.OperationalError:  # a catalog from before class tags / objects existed
             return []
 
     def photos_with_label(self, label: str) -> set[int]:
         """Photos with ``label`` among their class tags (case-insensitive)."""
-        return {i for (i,) in self._labels_query("SELECT DISTINCT photo_id FROM labels WHERE label = ? COLLATE NOCASE", [label])}
+        return {i for (i,) in self._catalog_query("SELECT DISTINCT photo_id FROM labels WHERE label = ? COLLATE NOCASE", [label])}
 
     def labels_of(self, photo_ids: list[int]) -> dict[int, list[tuple[str, float]]]:
         q = ",".join("?" * len(photo_ids))
         out: dict[int, list[tuple[str, float]]] = {}
-        for i, lab, p in self._labels_query(f"SELECT photo_id, label, prob FROM labels WHERE photo_id IN ({q}) ORDER BY photo_id, rank",
+        for i, lab, p in self._catalog_query(f"SELECT photo_id, label, prob FROM labels WHERE photo_id IN ({q}) ORDER BY photo_id, rank",
                                             [int(i) for i in photo_ids]):
             out.setdefault(i, []).append((lab, p))
         return out
 
     def label_counts(self, limit: int = 50) -> list[tuple[str, int]]:
         """Most frequent top-1 tags: (label, photos)."""
-        return self._labels_query("SELECT label, count(*) AS n FROM labels WHERE rank = 0 GROUP BY label ORDER BY n DESC, label LIMIT ?", [limit])
+        return self._catalog_query("SELECT label, count(*) AS n FROM labels WHERE rank = 0 GROUP BY label ORDER BY n DESC, label LIMIT ?", [limit])
 
     def _allowed(self, allowed: set[int] | None, label: str | None) -> set[int] | None:
         if label is None:
@@ -245,7 +245,7 @@ class Engine:
             return {}
         q = ",".join("?" * len(photo_ids))
         out: dict[int, list[dict]] = {}
-        for oid, pid, x0, y0, x1, y1, score, mask in self._labels_query(
+        for oid, pid, x0, y0, x1, y1, score, mask in self._catalog_query(
                 f"SELECT id, photo_id, x0, y0, x1, y1, score, mask FROM objects WHERE photo_id IN ({q}) ORDER BY id",
                 [int(i) for i in photo_ids]):
             out.setdefault(pid, []).append({"id": oid, "box": (round(x0), round(y0), round(x1), round(y1)),
@@ -253,7 +253,7 @@ class Engine:
         return out
 
     def object_count(self) -> int:
-        rows = self._labels_query("SELECT count(*) FROM objects", [])
+        rows = self._catalog_query("SELECT count(*) FROM objects", [])
         return int(rows[0][0]) if rows else 0
 
     def photo_vector(self, photo_id: int) -> np.ndarray:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import sample_photos
 from PIL import Image
+from test_cli import ENV, run
 
 from indexer.errors import ConfigError
 from indexer.objects import NEUTRAL, Mask, Segmenter, SegmenterConfig, box_nms, crop_object, mask_box, rle_decode, rle_encode
@@ -272,15 +273,7 @@ def test_index_with_objects_then_add_objects_to_an_existing_index(tmp_path, embe
     assert verify(b).ok
 
 
-def _cli(*args):
-    from test_cli import ENV
-
-    return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=ENV, timeout=600)
-
-
 def test_cli_objects_point_box_and_a_killed_run_resumes(tmp_path, tiny_model, sam_dir):
-    from test_cli import ENV
-
     folder = tmp_path / "photos"
     folder.mkdir()
     for p in sample_photos(1)[:10]:
@@ -288,7 +281,7 @@ def test_cli_objects_point_box_and_a_killed_run_resumes(tmp_path, tiny_model, sa
     sam = ["--objects", "--sam-model", str(sam_dir), "--sam-points", "2", "--sam-min-iou=-1e9",
            "--sam-min-stability", "0", "--sam-min-area", "0", "--sam-nms", "1", "--sam-max-masks", "3"]
     clean = tmp_path / "clean"
-    p = _cli("index", str(folder), "--index", str(clean), "--model", str(tiny_model), "-q", *sam)
+    p = run("index", str(folder), "--index", str(clean), "--model", str(tiny_model), "-q", *sam, check=False)
     assert p.returncode == 0, p.stderr
     assert "objects in 10 photos" in p.stdout
     # killed once mid-run, then resumed with --objects only: the index's own SAM settings are kept
@@ -303,7 +296,7 @@ def test_cli_objects_point_box_and_a_killed_run_resumes(tmp_path, tiny_model, sa
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     proc.wait()
-    p = _cli("index", str(folder), "--index", str(idx), "-q", "--objects")
+    p = run("index", str(folder), "--index", str(idx), "-q", "--objects", check=False)
     assert p.returncode == 0, p.stderr
 
     def rows(i):
@@ -311,21 +304,21 @@ def test_cli_objects_point_box_and_a_killed_run_resumes(tmp_path, tiny_model, sa
 
     assert rows(idx) == rows(clean) and len(rows(idx)) > 0
     assert verify(idx).ok
-    info = json.loads(_cli("info", str(idx), "--json").stdout)
+    info = json.loads(run("info", str(idx), "--json", check=False).stdout)
     assert info["objects"] == len(rows(idx)) and info["segmenter"] == str(sam_dir)
     q = str(sorted(folder.glob("*.jpg"))[3])
     for extra in (["--objects"], ["--point", "30,40"], ["--box", "10,10,120,90", "--objects"]):
-        p = _cli("search", str(idx), q, "-k", "4", "--json", *extra)
+        p = run("search", str(idx), q, "-k", "4", "--json", *extra, check=False)
         assert p.returncode == 0, p.stderr
         hits = json.loads(p.stdout)
         assert len(hits) == 4 and len({h["id"] for h in hits}) == 4
         assert all(h["object"] // MAX_OBJECTS == h["id"] and rle_decode(h["mask"]).sum() > 0 for h in hits)
-    p = _cli("search", str(idx), q, "--point", "5000,40")
+    p = run("search", str(idx), q, "--point", "5000,40", check=False)
     assert p.returncode == 2 and "outside" in p.stderr and "Traceback" not in p.stderr
     # an index without objects says how to make them
     plain = tmp_path / "plain"
-    _cli("index", str(folder), "--index", str(plain), "--model", str(tiny_model), "-q")
-    p = _cli("search", str(plain), q, "--objects")
+    run("index", str(folder), "--index", str(plain), "--model", str(tiny_model), "-q", check=False)
+    p = run("search", str(plain), q, "--objects", check=False)
     assert p.returncode == 2 and "--objects" in p.stderr and "Traceback" not in p.stderr
 
 

@@ -8,7 +8,7 @@ import shutil
 import faiss
 import numpy as np
 import pytest
-from conftest import need, sample_photos
+from conftest import sample_photos
 from test_cli import run
 from test_index import catalog_rows
 
@@ -98,7 +98,6 @@ def test_build_index_command_keeps_results_and_later_runs_still_work(photos, tin
 
 
 def test_ray_local_cluster_gives_the_single_process_catalog_and_results(photos, tiny_model, tmp_path):
-    need("ray", "the scale extra (ray[data])")
     (photos / "broken.jpg").write_bytes(b"not a photo")
     one = tmp_path / "one"
     run("index", str(photos), "--index", str(one), "--model", str(tiny_model), "-q")
