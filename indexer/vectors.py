@@ -145,6 +145,7 @@ class MilvusStore:
         for kind in KINDS:
             coll = self._coll(kind)
             if self.client.has_collection(coll):
+                self.client.load_collection(coll)  # a collection from another process starts released
                 continue
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.INT64, is_primary=True)

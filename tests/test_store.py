@@ -3,6 +3,9 @@ embedded, through pymilvus): ids, upserts, deletes by photo, tag filters, photo 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import need
@@ -142,3 +145,15 @@ def test_index_and_serve_with_milvus_behind(photos, embedder, tiny_model, tmp_pa
     # a rerun after the delete re-adds the photo once (upsert), as the local files do
     index_folder(photos, idx, embedder, cfg)
     assert open_store(uri, embedder.dim).count("global") == 48
+
+
+def test_a_store_written_by_one_process_is_searched_by_the_next(uri):
+    """As the CLI does: `index` writes and exits, `search` opens the store anew (Milvus loads released collections)."""
+    write = (f"import numpy as np; from indexer.vectors import open_store; s = open_store({uri!r}, {D}); "
+             f"x = np.eye({D}, dtype=np.float32)[:5]; s.add('global', np.arange(5), np.arange(5), x); s.flush()")
+    read = (f"import numpy as np; from indexer.vectors import open_store; s = open_store({uri!r}, {D}); "
+            f"print(s.search('global', np.eye({D}, dtype=np.float32)[3], 1)[1][0, 0], s.count('global'))")
+    for code in (write, read):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["3", "5"]
