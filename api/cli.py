@@ -67,17 +67,17 @@ def _index(args: argparse.Namespace, pool) -> int:
     from indexer.runner import IndexConfig, index_folder
     from indexer.store import Snapshot, current_snapshot
 
-    model, resolution = args.model, args.resolution
+    model, resolution, recorded = args.model, args.resolution, None
     idx = Path(args.index).expanduser()
-    if idx.is_dir() and current_snapshot(idx) is not None:  # an existing index keeps its model and resolution
+    if idx.is_dir() and current_snapshot(idx) is not None:  # an existing index keeps its model, resolution, precision
         m = Snapshot.open(idx).manifest
-        model = model or m.model
+        model, recorded = model or m.model, m.precision
         if resolution and resolution != m.resolution:
             raise DinosearchError(f"{idx} was built at {m.resolution}px; --resolution {resolution} needs a new --index")
         resolution = m.resolution
     embedder = Embedder(EmbedderConfig(
         model=model or "facebook/dinov2-small", revision=args.revision, resolution=resolution or 224,
-        device=args.device, precision=args.precision,
+        device=args.device, precision=args.precision, index_precision=recorded,
     ))
     log.info("model %s on %s, %s, %dpx", embedder.config.model, embedder.device, embedder.precision, embedder.config.resolution)
     cfg = IndexConfig(
@@ -295,6 +295,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     for key, value in info.items():
+        if value is None:  # no revision, classifier or segmenter: nothing to say
+            continue
         if key == "files":
             for name, size in sorted(value.items()):
                 print(f"  {name:<16} {_human(size)}")
@@ -303,11 +305,11 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print("tags (top-1)     " + ", ".join(f"{lab} {n}" for lab, n in value.items()))
         else:
             print(f"{key:<16} {value}")
-    shown = failed if args.failed else failed[:10]
-    for p, e in shown:
+    listed = failed if args.failed else failed[:10]
+    for p, e in listed:
         print(f"  failed: {p}: {e}")
-    if len(failed) > len(shown):
-        print(f"  ... {len(failed) - len(shown)} more (--failed lists all)")
+    if len(failed) > len(listed):
+        print(f"  ... {len(failed) - len(listed)} more (--failed lists all)")
     return 0
 
 
@@ -320,7 +322,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("DINOSEARCH_TOKEN"):
         print(f"dinosearch: warning: serving on {args.host} without DINOSEARCH_TOKEN: write routes are disabled, "
               "read routes are open to the network", file=sys.stderr)
-    settings = Settings(index=Path(args.index).expanduser(), model=args.model, device=args.device, workers=args.workers,
+    from indexer.embedder import keep_index_precision
+    from indexer.store import Manifest, current_snapshot
+
+    if current_snapshot(Path(args.index).expanduser()) is not None:  # a flag at odds with the index: fail before serving
+        keep_index_precision(args.precision, Manifest.load_current(Path(args.index).expanduser()).precision)
+    settings = Settings(index=Path(args.index).expanduser(), model=args.model, device=args.device, precision=args.precision,
+                        nprobe=args.nprobe, workers=args.workers,
                         max_upload_bytes=args.max_upload_mb * 2**20, commit_every=args.commit_every,
                         upload_timeout=args.upload_timeout, store=args.store)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
@@ -390,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--model", default=None, help=f"hub id or local model directory ({default_help})")
         q.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
         q.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="auto: bf16/fp16 on GPU, bf16 on CPUs with native bf16 when faster, else fp32")
+                       help="auto: bf16/fp16 on GPU, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; "
+                            "an index keeps the precision it was created with")
 
     def query_flags(q: argparse.ArgumentParser) -> None:
         model_flags(q, "default: the model that built the index")
@@ -476,8 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("index", help="index directory (may not exist yet: add a folder from the page)")
     q.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     q.add_argument("--port", type=int, default=8000)
-    q.add_argument("--model", default=None, help="hub id or local model directory (default: the index's)")
-    q.add_argument("--device", default="auto")
+    query_flags(q)
     q.add_argument("--workers", type=int, default=1, help="decode processes of index jobs")
     q.add_argument("--max-upload-mb", type=int, default=32, help="largest accepted upload (default 32 MiB)")
     q.add_argument("--commit-every", type=int, default=200, help="photos between an index job's commits (default 200)")

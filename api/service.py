@@ -70,12 +70,13 @@ class Service:
     def embedder(self) -> Embedder:
         with self._lock:
             if self._embedder is None:
-                model, resolution = self.settings.model, 224
-                if current_snapshot(self.settings.index) is not None:
+                model, resolution, recorded = self.settings.model, 224, None
+                if current_snapshot(self.settings.index) is not None:  # the index's model, resolution and precision
                     m = Snapshot.open(self.settings.index).manifest
-                    model, resolution = model or m.model, m.resolution
+                    model, resolution, recorded = model or m.model, m.resolution, m.precision
                 self._embedder = Embedder(EmbedderConfig(model=model or "facebook/dinov2-small", resolution=resolution,
-                                                         device=self.settings.device))
+                                                         device=self.settings.device, precision=self.settings.precision,
+                                                         index_precision=recorded))
             return self._embedder
 
     @property
@@ -86,7 +87,7 @@ class Service:
             emb = self.embedder()
             with self._lock:
                 if self._engine is None:
-                    cfg = EngineConfig(max_pixels=self.settings.max_pixels, store=self.settings.store)
+                    cfg = EngineConfig(max_pixels=self.settings.max_pixels, store=self.settings.store, nprobe=self.settings.nprobe)
                     self._engine = Engine(self.settings.index, cfg, embedder=emb)
         return self._engine
 

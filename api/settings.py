@@ -17,6 +17,8 @@ class Settings:
     max_k: int = 1000
     model: str | None = None  # None: the index's model
     device: str = "auto"
+    precision: str = "auto"  # auto: the index's own (a new index: by device and CPU flags)
+    nprobe: int = 32  # IVF lists visited per query
     workers: int = 1  # decode processes of index jobs
     commit_every: int = 200  # photos between a job's commits: searches see new photos this often
     store: str | None = None  # external vector store to search (default: the index's own)

@@ -177,7 +177,7 @@ def _run_pipeline(items, writer: Writer, embedder: Embedder, config: IndexConfig
                     config.max_bytes or DEFAULT_MAX_BYTES)
     actor_cfg = EmbedderConfig(model=embedder.config.model, revision=embedder.config.revision,
                                resolution=embedder.config.resolution, device="cuda" if gpus else "cpu",
-                               precision=embedder.precision if not gpus else embedder.config.precision)
+                               precision=embedder.precision)
     b = config.batch_size
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // b, 4 * num_workers)))
     ds = ds.map_batches(_decode_batch, fn_kwargs={"job": job}, batch_size=b, batch_format="numpy",

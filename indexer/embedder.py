@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -37,6 +36,7 @@ class EmbedderConfig:
     resolution: int = 224  # square input side, multiple of the patch size
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    index_precision: str | None = None  # what the index being extended or searched recorded (None: a new index)
 
 
 @dataclass
@@ -47,33 +47,91 @@ class Embeddings:
     patches: np.ndarray  # [B, h, w, D]
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    """cuda > mps > cpu unless a device is requested."""
-    if requested != "auto":
+def choose_device(requested: str, *, cuda: bool, mps: bool, cuda_count: int = 1) -> str:
+    """The device to run on: cuda > mps > cpu for "auto", else the requested one if this machine has it.
+
+    Pure function of what the machine offers, so every branch is tested on any machine.
+    """
+    if requested == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    try:
         dev = torch.device(requested)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
-        if dev.type == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError("--device mps was asked for but MPS is not available")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    except RuntimeError:
+        raise ConfigError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unsupported device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and not cuda:
+        raise ConfigError(f"--device {requested} was asked for but no CUDA GPU is available (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= cuda_count:
+        raise ConfigError(f"--device {requested} was asked for but this machine has {cuda_count} CUDA GPU(s): cuda:0..cuda:{cuda_count - 1}")
+    if dev.type == "mps" and not mps:
+        raise ConfigError(f"--device {requested} was asked for but MPS is not available (use --device cpu)")
+    return requested
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """cuda > mps > cpu unless a device is requested; a device this machine lacks is a ConfigError."""
+    cuda = torch.cuda.is_available()
+    return torch.device(choose_device(requested, cuda=cuda, mps=torch.backends.mps.is_available(),
+                                      cuda_count=torch.cuda.device_count() if cuda else 0))
+
+
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo names of bf16 matrix instructions
 
 
 def cpu_has_native_bf16() -> bool:
-    """True if the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), read from its flags."""
+    """True if the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), read from its flags.
+
+    ``DINOSEARCH_CPU_BF16=1`` or ``=0`` overrides the detection (to opt out of bf16 on such a CPU,
+    or to run the bf16 path on any CPU, as the tests do).
+    """
+    forced = os.environ.get("DINOSEARCH_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return bool(set(line.split(":", 1)[1].split()) & NATIVE_BF16_FLAGS)
     except OSError:
         pass
     return False
+
+
+def keep_index_precision(requested: str, index_precision: str) -> str:
+    """An index embeds with the precision it was created with; an explicit other one is a ConfigError."""
+    if requested not in ("auto", index_precision):
+        raise ConfigError(f"this index was built with precision {index_precision}; --precision {requested} would embed "
+                          f"differently: leave --precision out (or give {index_precision}), or use a new --index")
+    return index_precision
+
+
+def choose_precision(requested: str, device: str, *, native_bf16: bool, cuda_bf16: bool = False,
+                     index_precision: str | None = None) -> str:
+    """The precision to embed with: decided once, from the device and CPU flags (never a stopwatch).
+
+    ``index_precision`` is what an existing index recorded when it was created; every later run,
+    query and server on it embeds the same way, and an explicit other ``requested`` is an error.
+    auto: on CUDA bf16 where the GPU has it, else fp16; on MPS fp16; on CPU bf16 weights where the
+    CPU has native bf16 instructions, else fp32. fp16 has no CPU path: an fp16 (GPU-built) index is
+    queried in fp32 on a CPU.
+    """
+    if requested not in PRECISIONS:
+        raise ConfigError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
+    dtype = torch.device(device).type
+    if index_precision is not None:
+        requested = keep_index_precision(requested, index_precision)
+        if requested == "fp16" and dtype == "cpu":
+            return "fp32"
+    if requested == "fp16" and dtype == "cpu":
+        raise ConfigError("--precision fp16 needs a GPU; on a CPU use fp32 or bf16")
+    if requested != "auto":
+        return requested
+    if dtype == "cuda":
+        return "bf16" if cuda_bf16 else "fp16"
+    if dtype == "mps":
+        return "fp16"
+    return "bf16" if native_bf16 else "fp32"
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -183,48 +241,20 @@ class Embedder:
         self.grid = config.resolution // self.patch_size
         mean, std = _preprocessing(getattr(mc, "_name_or_path", "") or config.model)
         self.device = pick_device(config.device)
-        self.precision = self._choose_precision(config.precision)
+        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.mean, self.std = tuple(mean), tuple(std)
+        cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.precision = choose_precision(config.precision, str(self.device), native_bf16=cpu_has_native_bf16(),
+                                          cuda_bf16=cuda_bf16, index_precision=config.index_precision)
         self.model.to(self.device)
         if self.device.type == "cpu" and self.precision == "bf16":
             self.model.to(torch.bfloat16)  # bf16 weights: faster than autocast on CPU
         self._lock = threading.Lock()  # one forward at a time: an index job and queries share the model
-        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.mean, self.std = tuple(mean), tuple(std)
 
     @property
     def model_type(self) -> str:
         return str(self.model.config.model_type)
-
-    def _choose_precision(self, requested: str) -> str:
-        if requested not in PRECISIONS:
-            raise ConfigError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
-        if requested != "auto":
-            return requested
-        if self.device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        if self.device.type == "mps":
-            return "fp16"
-        if not cpu_has_native_bf16():
-            return "fp32"
-        return self._probe_cpu_bf16()
-
-    def _probe_cpu_bf16(self) -> str:
-        """Use bf16 on this CPU only if it is faster than fp32 and agrees with it."""
-        x = torch.randint(0, 256, (4, self.config.resolution, self.config.resolution, 3), dtype=torch.uint8).numpy()
-        timings, outs = {}, {}
-        for p in ("fp32", "bf16"):
-            self.model.to(torch.float32 if p == "fp32" else torch.bfloat16)
-            self.precision = p
-            self._forward(x)  # warm-up
-            t = time.perf_counter()
-            outs[p] = self._forward(x)[0]
-            timings[p] = time.perf_counter() - t
-        self.model.to(torch.float32)
-        cos = float((outs["fp32"] * outs["bf16"]).sum(-1).min())
-        choice = "bf16" if timings["bf16"] < 0.9 * timings["fp32"] and cos >= 0.9999 else "fp32"
-        log.info("bf16 probe: fp32 %.3fs, bf16 %.3fs, min cosine %.5f -> %s", timings["fp32"], timings["bf16"], cos, choice)
-        return choice
 
     def _to_input(self, pixels: np.ndarray) -> torch.Tensor:
         assert pixels.ndim == 4 and pixels.shape[3] == 3, f"expected uint8 [B, H, W, 3], got {pixels.shape}"

@@ -140,7 +140,7 @@ class Engine:
             m = self.manifest
             cfg = EmbedderConfig(
                 model=self.config.model or m.model, revision=m.revision, resolution=m.resolution,
-                device=self.config.device, precision=self.config.precision,
+                device=self.config.device, precision=self.config.precision, index_precision=m.precision,
             )
             e = Embedder(cfg)
             m.check(e)

@@ -116,3 +116,71 @@ def test_sigkill_then_resume_matches_a_clean_run(tmp_path, tiny_model):
 @pytest.mark.slow
 def test_sigkill_many_trials(tmp_path, tiny_model):
     _crash_trial(tmp_path, tiny_model, trials=20, seed=2)
+
+
+def test_bf16_cpu_default_path_end_to_end(photos, tiny_model, tmp_path):
+    """The default path of a CPU with native bf16 (forced here): index, resume, search, info, serve all run in bf16,
+    and the index keeps its precision on a machine that would choose otherwise."""
+    bf16_cpu = {**ENV, "DINOSEARCH_CPU_BF16": "1"}
+    idx = tmp_path / "idx"
+    (photos / "broken.jpg").write_bytes(b"not a photo")
+
+    def dino(*args, env=bf16_cpu, check=True):
+        p = subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+        assert not check or p.returncode == 0, p.stderr
+        return p
+
+    assert "48 indexed" in dino("index", str(photos), "--index", str(idx), "--model", str(tiny_model), "-q").stdout
+    info = json.loads(dino("info", str(idx), "--json").stdout)
+    assert info["precision"] == "bf16" and info["photos_failed"] == 1
+    text = dino("info", str(idx), "--failed").stdout  # an index holding a failed file (crashed before)
+    assert "failed: " in text and "broken.jpg" in text and "None" not in text
+    query = sorted(photos.rglob("*.jpg"))[3]
+    hits = json.loads(dino("search", str(idx), str(query), "-k", "2", "--json").stdout)
+    assert hits[0]["path"] == str(query) and hits[0]["score"] > 0.999  # the query embeds in bf16 like the index
+    no_bf16 = {**ENV, "DINOSEARCH_CPU_BF16": "0"}  # another machine: its own choice would be fp32
+    shutil.copy(sample_photos(3)[2], photos / "new.jpg")
+    assert "1 indexed" in dino("index", str(photos), "--index", str(idx), "-q", env=no_bf16).stdout
+    hits = json.loads(dino("search", str(idx), str(photos / "new.jpg"), "-k", "1", "--json", env=no_bf16).stdout)
+    assert hits[0]["path"] == str(photos / "new.jpg") and hits[0]["score"] > 0.999
+    p = dino("index", str(photos), "--index", str(idx), "--precision", "fp32", check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "built with precision bf16; --precision fp32" in lines[0]
+    p = dino("search", str(idx), str(query), "--precision", "fp32", check=False)
+    assert p.returncode == 2 and "built with precision bf16" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_serve_starts_on_a_bf16_index_and_takes_model_flags(photos, tiny_model, tmp_path):
+    import urllib.request
+
+    from conftest import free_port
+
+    idx = tmp_path / "idx"
+    env = {**ENV, "DINOSEARCH_CPU_BF16": "1"}
+    subprocess.run([sys.executable, "-m", "api.cli", "index", str(photos), "--index", str(idx), "--model", str(tiny_model),
+                    "-q"], env=env, check=True, capture_output=True, timeout=600)
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", str(idx), "--port", str(port), "--device", "cpu",
+                            "--precision", "bf16", "--nprobe", "4"], env={**ENV, "DINOSEARCH_CPU_BF16": "0"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert srv.poll() is None, srv.communicate()[1]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
+                    stats = json.loads(r.read())
+                break
+            except OSError:
+                assert time.time() < deadline, "server did not start"
+                time.sleep(0.3)
+        assert stats["precision"] == "bf16"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/photos/3/similar?k=1", timeout=30) as r:
+            assert json.loads(r.read())["results"][0]["id"] == 3
+    finally:
+        srv.terminate()
+        srv.wait(10)
+    # an explicit other precision than the index's: one line, and the server does not start
+    p = subprocess.run([sys.executable, "-m", "api.cli", "serve", str(idx), "--port", str(free_port()), "--precision", "fp32"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "built with precision bf16" in p.stderr and "Traceback" not in p.stderr
