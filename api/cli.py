@@ -189,10 +189,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                 raise DinosearchError(f"--part must be between 0 and {args.parts_k - 1} (the photo has --parts-k {args.parts_k} parts)")
             mask = parts.labels == args.part
         hits = engine.region(query, args.k, box=args.box, mask=mask, label=args.label)
-    if args.json:
+    if args.json:  # one hit per line: an object's RLE mask stays on its line
         rows = [{"id": h.photo_id, "path": shown(h.path), "score": round(h.score, 6)} | ({"box": list(h.box)} if h.box else {})
                 | ({"object": h.object_id, "mask": h.mask} if h.object_id is not None else {}) for h in hits]
-        print(json.dumps(rows, indent=1))
+        print("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]" if rows else "[]")
     else:
         for rank, h in enumerate(hits, 1):
             where = f"  box {','.join(map(str, h.box))}" if h.box else ""
@@ -209,7 +209,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             elif h.box is not None:
                 img = draw_box(img, h.box)
             img.save(out / f"{rank:03d}_{Path(h.path).stem}.jpg", quality=90)
-        print(f"drew {len(hits)} results in {out}")
+        print(f"drew {len(hits)} results in {out}", file=sys.stderr if args.json else sys.stdout)  # --json: stdout is JSON only
     return 0
 
 
@@ -266,7 +266,7 @@ def cmd_parts(args: argparse.Namespace) -> int:
     if args.out:
         path = engine.path_of([query])[query] if isinstance(query, int) else query
         parts_overlay(load_photo(path), parts.labels).save(args.out)
-        print(f"overlay written to {args.out}")
+        print(f"overlay written to {args.out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -533,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        import faiss  # noqa: F401  (one of two wheels, chosen by an extra: say which, not a traceback)
+    except ImportError:
+        print("dinosearch: error: FAISS is not installed: install dinosearch with an extra, "
+              "pip install '.[cpu]' (or '.[gpu]' on a CUDA machine; `make setup` does it)", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("transformers", "huggingface_hub"):

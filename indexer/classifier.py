@@ -7,6 +7,7 @@ the reader produced for the backbone, so tagging adds no second decode.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer.embedder import gpu_autocast, load_pretrained
+from indexer.embedder import gpu_autocast, load_pretrained, model_ref
 
 DEFAULT_CLASSIFIER = "google/vit-base-patch16-224"
 
@@ -48,8 +49,9 @@ class Classifier:
     def __init__(self, config: ClassifierConfig, *, device: torch.device, precision: str = "fp32"):
         from transformers import AutoModelForImageClassification
 
-        self.config = config
-        self.model = load_pretrained(config.model, config.revision, AutoModelForImageClassification, what="an image classifier")
+        self.config = config = dataclasses.replace(config, model=model_ref(config.model))  # a directory: absolute
+        self.model = load_pretrained(config.model, config.revision, AutoModelForImageClassification, what="an image classifier",
+                                     flag="--classifier")
         pc = processor_config(self.model, config.model)
         size = pc.get("size", {})
         side = size.get("height") or size.get("shortest_edge") or getattr(self.model.config, "image_size", 224)

@@ -145,12 +145,19 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _offline_message(model: str) -> str:
+def _offline_message(model: str, flag: str) -> str:
     return (
         f"cannot load model '{model}': its weights are not in the local cache and the "
         f"Hugging Face hub cannot be reached; on a machine with network run "
-        f"`hf download {model} --local-dir DIR`, copy DIR here and pass --model DIR"
+        f"`hf download {model} --local-dir DIR`, copy DIR here and pass {flag} DIR"
     )
+
+
+def model_ref(model: str) -> str:
+    """How an index records a model: a local directory as an absolute path (found from any working
+    directory later), a hub id as given."""
+    local = Path(model).expanduser()
+    return str(local.absolute()) if local.is_dir() else model
 
 
 def gpu_autocast(device: torch.device, precision: str):
@@ -160,12 +167,13 @@ def gpu_autocast(device: torch.device, precision: str):
 
 
 def load_pretrained(model: str, revision: str | None, auto_class: type, *, types: tuple[str, ...] | None = None,
-                    what: str = "DINOv2", **load_kwargs) -> torch.nn.Module:
+                    what: str = "DINOv2", flag: str = "--model", **load_kwargs) -> torch.nn.Module:
     """Load a transformers model by local directory or hub id, failing in one clear line.
 
     A hub id is looked up in the local cache first (no network at all when it is
     there); if it is not cached and the hub cannot be reached, the error says how to
-    pass a local directory. ``types`` restricts the accepted config.model_type.
+    pass a local directory (with ``flag``, the option that names this model). ``types`` restricts the
+    accepted config.model_type.
     """
     from transformers import AutoConfig
 
@@ -183,7 +191,7 @@ def load_pretrained(model: str, revision: str | None, auto_class: type, *, types
             kwargs["local_files_only"] = True
         except OSError:
             if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-                raise WeightsUnavailable(_offline_message(model)) from None
+                raise WeightsUnavailable(_offline_message(model, flag)) from None
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
         if types is not None and config.model_type not in types:
@@ -224,10 +232,7 @@ class Embedder:
     """
 
     def __init__(self, config: EmbedderConfig, *, model: torch.nn.Module | None = None):
-        local = Path(config.model).expanduser()
-        if local.is_dir():  # recorded absolute, so the index finds its model from any working directory
-            config = dataclasses.replace(config, model=str(local.absolute()))
-        self.config = config
+        self.config = config = dataclasses.replace(config, model=model_ref(config.model))
         self.model = model if model is not None else load_backbone(config.model, config.revision)
         mc = self.model.config
         self.patch_size = int(mc.patch_size)

@@ -21,14 +21,14 @@ square); masks come back at the size of the image given (the reader's
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from indexer.embedder import gpu_autocast, load_pretrained
+from indexer.embedder import gpu_autocast, load_pretrained, model_ref
 
 DEFAULT_SEGMENTER = "facebook/sam-vit-base"
 NEUTRAL = (124, 116, 104)  # ImageNet mean colour: what the backbone sees as "nothing"
@@ -159,8 +159,9 @@ class Segmenter:
 
         from indexer.classifier import processor_config
 
-        self.config = config
-        self.model = load_pretrained(config.model, config.revision, SamModel, types=("sam",), what="a SAM segmentation model")
+        self.config = config = replace(config, model=model_ref(config.model))  # a directory: absolute
+        self.model = load_pretrained(config.model, config.revision, SamModel, types=("sam",), what="a SAM segmentation model",
+                                     flag="--sam-model")
         pc = processor_config(self.model, config.model)
         self.side = int(pc.get("size", {}).get("longest_edge") or self.model.config.vision_config.image_size)
         mean = pc.get("image_mean", [0.485, 0.456, 0.406])

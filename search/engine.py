@@ -7,6 +7,7 @@ never drift apart.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 
 class UnknownPhoto(DinosearchError):
     """A photo id that is not in the index."""
+
+
+class UnknownLabel(DinosearchError):
+    """A label filter that no photo's tags contain (a typo, or an index without tags)."""
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,15 @@ class Engine:
         if label is None:
             return allowed
         tagged = self.photos_with_label(label)
+        if not tagged:
+            labels = [lab for (lab,) in self._catalog_query("SELECT DISTINCT label FROM labels", [])]
+            if not labels:
+                raise UnknownLabel(f"no photo has class tags, so --label {label!r} matches nothing: "
+                                   f"tag the index with `dinosearch index FOLDER --index {self.root} --classify`")
+            by_lower = {lab.lower(): lab for lab in labels}
+            near = [by_lower[m] for m in difflib.get_close_matches(label.lower(), by_lower, n=5, cutoff=0.5)]
+            near = near or [lab for lab, _ in self.label_counts(5)]
+            raise UnknownLabel(f"no photo is tagged {label!r}; tags near it: {', '.join(near)} (`dinosearch info` lists the common ones)")
         return tagged if allowed is None else tagged & allowed
 
     def photo_size(self, photo_ids: list[int]) -> dict[int, tuple[int, int]]:

@@ -17,7 +17,7 @@ from indexer.errors import WeightsUnavailable
 from indexer.runner import IndexConfig, index_folder
 from indexer.store import Snapshot, reconstruct_all
 from indexer.testing import save_random_classifier
-from search import Engine
+from search import Engine, UnknownLabel
 
 LABELS = ["cat", "dog", "boat", "tree", "lamp", "plane"]
 CFG = IndexConfig(workers=0, progress=False)
@@ -64,7 +64,10 @@ def test_index_tags_every_photo_and_filters_searches(photos, embedder, classifie
     hits = engine.similar(1, k=48, label=label)
     assert {h.photo_id for h in hits} == with_label
     assert {h.photo_id for h in engine.region(1, k=48, box=(0, 0, 50, 50), label=label.upper())} <= with_label
-    assert engine.similar(1, k=5, label="no such tag") == []
+    with pytest.raises(UnknownLabel, match=f"no photo is tagged 'no such tag'; tags near it: .*{label}"):
+        engine.similar(1, k=5, label="no such tag")  # never a silent empty answer: the common tags are offered
+    with pytest.raises(UnknownLabel, match=f"tags near it: {label}"):
+        engine.similar(1, k=5, label=label[:-1] + "x")  # a typo: the tag it was meant to be
     assert Snapshot.open(idx).manifest.classifier == classifier.config.model
 
 
@@ -91,11 +94,13 @@ def test_cli_classify_info_and_label_filter(photos, tiny_model, tmp_path):
     idx = tmp_path / "idx"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+    def run(*args, cwd=None):
+        return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=env, timeout=600,
+                              cwd=cwd)
 
-    p = run("index", str(photos), "--index", str(idx), "--model", str(tiny_model), "--classifier", str(clf), "-q")
-    assert p.returncode == 0 and "48 indexed, 48 tagged" in p.stdout
+    # a classifier directory given relative to where the user stands is recorded absolute (like the backbone)
+    p = run("index", str(photos), "--index", str(idx), "--model", str(tiny_model), "--classifier", "vit", "-q", cwd=tmp_path)
+    assert p.returncode == 0 and "48 indexed, 48 tagged" in p.stdout, p.stderr
     q = str(sorted(photos.rglob("*.jpg"))[0])
     out = json.loads(run("classify", str(idx), q, "--json").stdout)
     assert len(out) == 5 and {o["label"] for o in out} <= set(LABELS)
@@ -105,10 +110,10 @@ def test_cli_classify_info_and_label_filter(photos, tiny_model, tmp_path):
     hits = json.loads(run("search", str(idx), q, "--label", top, "-k", "48", "--json").stdout)
     assert 0 < len(hits) <= 48
     p = run("index", str(photos), "--index", str(tmp_path / "idx2"), "--model", str(tiny_model), "--classify", "-q")
-    assert p.returncode == 2 and "google/vit-base-patch16-224" in p.stderr and "--model DIR" in p.stderr
+    assert p.returncode == 2 and "google/vit-base-patch16-224" in p.stderr and "--classifier DIR" in p.stderr
 
 
 def test_offline_classifier_id_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(WeightsUnavailable, match="google/vit-base-patch16-224.*--model DIR"):
+    with pytest.raises(WeightsUnavailable, match="google/vit-base-patch16-224.*--classifier DIR"):
         Classifier(ClassifierConfig(), device=torch.device("cpu"))

@@ -184,3 +184,29 @@ def test_serve_starts_on_a_bf16_index_and_takes_model_flags(photos, tiny_model, 
     p = subprocess.run([sys.executable, "-m", "api.cli", "serve", str(idx), "--port", str(free_port()), "--precision", "fp32"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "built with precision bf16" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_json_stays_parseable_with_other_flags(photos, tiny_model, tmp_path):
+    idx = tmp_path / "idx"
+    run("index", str(photos), "--index", str(idx), "--model", str(tiny_model), "-q")
+    q = str(sorted(photos.rglob("*.jpg"))[0])
+    hits = json.loads(run("search", str(idx), q, "-k", "3", "--box", "10,10,120,90", "--json", "--draw", str(tmp_path / "d")).stdout)
+    assert len(hits) == 3 and len(list((tmp_path / "d").glob("*.jpg"))) == 3
+    assert all(0 < h["score"] <= 1.0 for h in hits)  # decoded SQ8 patches are not unit length: clipped to cosine
+    parts = json.loads(run("parts", str(idx), q, "--k", "3", "--json", "--out", str(tmp_path / "p.png")).stdout)
+    assert len(parts["labels"]) == 16 and (tmp_path / "p.png").is_file()
+
+
+def test_unknown_label_says_so_and_offers_near_ones(photos, tiny_model, tmp_path):
+    idx = tmp_path / "idx"
+    run("index", str(photos), "--index", str(idx), "--model", str(tiny_model), "-q")
+    p = run("search", str(idx), "1", "--id", "--label", "dog", check=False)
+    assert p.returncode == 2 and "no photo has class tags" in p.stderr and "--classify" in p.stderr
+
+
+def test_missing_faiss_is_one_line_naming_the_extra(tmp_path):
+    code = "import sys; sys.modules['faiss'] = None; from api.cli import main; sys.exit(main(['info', 'x']))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "dinosearch: error: FAISS is not installed: install dinosearch with an extra, "
+        "pip install '.[cpu]' (or '.[gpu]' on a CUDA machine; `make setup` does it)")

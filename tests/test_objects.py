@@ -378,3 +378,18 @@ def test_http_object_search_point_box_and_jobs_keep_making_objects(tmp_path, emb
     with TestClient(create_app(Settings(index=plain, model=str(tiny_model), device="cpu", workers=0))) as client:
         r = client.post("/search", params={"objects": "true"}, files={"image": ("q.jpg", q, "image/jpeg")})
         assert r.status_code == 400 and "--objects" in r.json()["detail"]
+
+
+def test_offline_sam_id_names_the_sam_flag(monkeypatch):
+    from indexer.errors import WeightsUnavailable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailable, match="facebook/sam-vit-base.*pass --sam-model DIR") as e:
+        Segmenter(SegmenterConfig(), device=torch.device("cpu"))
+    assert "\n" not in str(e.value)
+
+
+def test_relative_sam_directory_is_recorded_absolute(sam_dir, monkeypatch):
+    monkeypatch.chdir(sam_dir.parent)
+    seg = Segmenter(SegmenterConfig(model=sam_dir.name), device=torch.device("cpu"))
+    assert seg.config.model == str(sam_dir)
