@@ -14,6 +14,7 @@ comma   := ,
 # Milvus Lite pulls faiss-cpu: only where faiss-cpu is the FAISS wheel anyway
 EXTRAS  ?= $(FAISS),dev,scale$(if $(filter cpu,$(FAISS)),$(comma)lite)
 DEMO_INDEX ?= demo-index
+MODELS  ?= models
 DEMO_PHOTOS ?= data/caltech101-sample/images
 QUERY   ?= data/caltech101-sample/images/airplanes__image_0001.jpg
 
@@ -38,12 +39,14 @@ demo: setup
 # The same demo with an architecture-exact dinov2-small of random weights (offline machines):
 # it proves the whole path runs; rankings are meaningless without the real weights.
 demo-offline: setup
-	$(BIN)/python scripts/make_model.py small models/dinov2-small-random
-	$(MAKE) demo MODEL=models/dinov2-small-random DEMO_INDEX=demo-index-random
+	$(BIN)/python scripts/make_model.py small $(MODELS)/dinov2-small-random
+	$(MAKE) demo MODEL=$(MODELS)/dinov2-small-random DEMO_INDEX=$(DEMO_INDEX)-random
 
-# Debian's chromium for the browser test (Playwright drives it; nothing is downloaded by Playwright itself)
+# Debian's chromium for the browser test (Playwright drives it; nothing is downloaded by Playwright itself),
+# curl and openssl for the README's commands, which the suite runs (tests/test_readme.py)
 browser:
-	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+	@command -v chromium >/dev/null && command -v curl >/dev/null && command -v openssl >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium curl openssl; }
 
 test: setup
 	$(BIN)/python -m pytest -q

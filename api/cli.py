@@ -72,11 +72,11 @@ def _index(args: argparse.Namespace, pool) -> int:
     if idx.is_dir() and current_snapshot(idx) is not None:  # an existing index keeps its model, resolution, precision
         m = Snapshot.open(idx).manifest
         model, recorded = model or m.model, m.precision
-        if resolution and resolution != m.resolution:
+        if resolution is not None and resolution != m.resolution:
             raise DinosearchError(f"{idx} was built at {m.resolution}px; --resolution {resolution} needs a new --index")
         resolution = m.resolution
     embedder = Embedder(EmbedderConfig(
-        model=model or "facebook/dinov2-small", revision=args.revision, resolution=resolution or 224,
+        model=model or "facebook/dinov2-small", revision=args.revision, resolution=224 if resolution is None else resolution,
         device=args.device, precision=args.precision, index_precision=recorded,
     ))
     log.info("model %s on %s, %s, %dpx", embedder.config.model, embedder.device, embedder.precision, embedder.config.resolution)
@@ -138,12 +138,28 @@ def _engine(args: argparse.Namespace):
 def _query(args: argparse.Namespace) -> str | int:
     if args.id:
         try:
-            return int(args.query)
+            photo_id = int(args.query)
         except ValueError:
             raise DinosearchError(f"--id expects a photo id (a number), got {args.query!r}") from None
+        if not 1 <= photo_id < 2**62:
+            raise DinosearchError(f"photo id {photo_id} is not in the index (ids are 1 and up)")
+        return photo_id
     if not Path(args.query).is_file():
         raise DinosearchError(f"query photo not found: {args.query}")
     return args.query
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= low (0, -1 or a huge k are refused, not silently changed)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+    return parse
 
 
 def _box(text: str) -> tuple[float, float, float, float]:
@@ -403,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def query_flags(q: argparse.ArgumentParser) -> None:
         model_flags(q, "default: the model that built the index")
-        q.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query, for IVF index kinds (default 32)")
+        q.add_argument("--nprobe", type=_at_least(1), default=32, help="IVF lists visited per query, for IVF index kinds (default 32)")
 
     q = sub.add_parser("index", help="index the photos in a folder (again: only what changed)",
                        description="Index the photos below FOLDER into the index directory; re-running updates it.")
@@ -412,9 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(q, "default: the index's model, or facebook/dinov2-small for a new index")
     q.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
     q.add_argument("--resolution", type=int, default=None, help="input side in pixels, a multiple of the patch size (default 224)")
-    q.add_argument("--batch-size", type=int, default=16, help="photos per model forward (default 16)")
-    q.add_argument("--workers", type=int, default=default_workers(), help=f"decode processes (default {default_workers()}; 0 = in-process)")
-    q.add_argument("--commit-every", type=int, default=1000, help="photos between commits; a crash loses at most this much work")
+    q.add_argument("--batch-size", type=_at_least(1), default=16, help="photos per model forward (default 16)")
+    q.add_argument("--workers", type=_at_least(0), default=default_workers(), help=f"decode processes (default {default_workers()}; 0 = in-process)")
+    q.add_argument("--commit-every", type=_at_least(1), default=1000, help="photos between commits; a crash loses at most this much work")
     q.add_argument("--global-kind", default=None, help="FAISS factory string for the global index (default: by size)")
     q.add_argument("--patch-kind", default=None, help="FAISS factory string for the patch index (default: by size)")
     q.add_argument("--retry-failed", action="store_true", help="try again the files that failed before")
@@ -437,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="decode and embed on Ray: 'local' (a cluster of this machine), 'auto' or ray://HEAD:10001; "
                         "photos must be at the same path on every node")
-    q.add_argument("--num-workers", type=int, default=2, help="with --ray: embedding actors, one model each (default 2)")
+    q.add_argument("--num-workers", type=_at_least(1), default=2, help="with --ray: embedding actors, one model each (default 2)")
     q.add_argument("--ray-cpus", type=int, default=None, help="with --ray local: CPUs of the local cluster (default all)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_index)
@@ -448,12 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(--objects, --point, --box with --objects), with where the match is.")
     q.add_argument("index", help="index directory")
     q.add_argument("query", help="query photo (path), or a photo id with --id")
-    q.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    q.add_argument("-k", type=_at_least(1), default=10, help="number of results (default 10)")
     q.add_argument("--id", action="store_true", help="QUERY is the id of an indexed photo")
     q.add_argument("--box", type=_box, default=None, metavar="X0,Y0,X1,Y1", help="region search: a box in the query photo's pixels")
     q.add_argument("--mask", default=None, metavar="IMAGE", help="region search: a mask image the size of the query photo (white = region)")
     q.add_argument("--part", type=int, default=None, help="region search: part N of the query photo (see `dinosearch parts`)")
-    q.add_argument("--parts-k", type=int, default=5, help="how many parts --part splits the photo into (default 5)")
+    q.add_argument("--parts-k", type=_at_least(2), default=5, help="how many parts --part splits the photo into (default 5)")
     q.add_argument("--objects", action="store_true", help="object search: the query's main object (or the SAM mask of --box) "
                    "against every indexed object (index with --objects)")
     q.add_argument("--point", type=_point, default=None, metavar="X,Y", help="object search: SAM's mask at this click in the query photo")
@@ -469,11 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("index", help="index directory")
     q.add_argument("query", nargs="?", default=None, help="photo (path), or a photo id with --id")
     q.add_argument("--id", action="store_true", help="QUERY is the id of an indexed photo")
-    q.add_argument("--k", type=int, default=5, help="number of parts (default 5)")
+    q.add_argument("--k", type=_at_least(2), default=5, help="number of parts (default 5)")
     q.add_argument("--collection", action="store_true", help="parts of the whole collection (a sample of its patches)")
-    q.add_argument("--sample", type=int, default=200_000, help="patches sampled for --collection (default 200000)")
+    q.add_argument("--sample", type=_at_least(1), default=200_000, help="patches sampled for --collection (default 200000)")
     q.add_argument("--search", type=int, default=None, metavar="PART", help="with --collection: photos containing part PART, ranked")
-    q.add_argument("--top", type=int, default=10, help="results for --search (default 10)")
+    q.add_argument("--top", type=_at_least(1), default=10, help="results for --search (default 10)")
     q.add_argument("--out", default=None, help="photo: overlay PNG to write; --collection: folder for exemplar crops + parts.json")
     q.add_argument("--json", action="store_true", help="print as JSON")
     query_flags(q)
@@ -486,9 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     q.add_argument("--port", type=int, default=8000)
     query_flags(q)
-    q.add_argument("--workers", type=int, default=1, help="decode processes of index jobs")
+    q.add_argument("--workers", type=_at_least(0), default=1, help="decode processes of index jobs")
     q.add_argument("--max-upload-mb", type=int, default=32, help="largest accepted upload (default 32 MiB)")
-    q.add_argument("--commit-every", type=int, default=200, help="photos between an index job's commits (default 200)")
+    q.add_argument("--commit-every", type=_at_least(1), default=200, help="photos between an index job's commits (default 200)")
     q.add_argument("--upload-timeout", type=float, default=30.0, help="seconds an upload may stall before it is dropped (default 30)")
     q.add_argument("--store", default=None, metavar="URI", help="the vector store to search (default: the one the index was built with)")
     q.set_defaults(func=cmd_serve)
@@ -498,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("index", help="index directory")
     q.add_argument("photo", help="photo (path)")
     q.add_argument("--classifier", default=None, help="hub id or directory (default: the index's classifier)")
-    q.add_argument("--top", type=int, default=5, help="how many labels (default 5)")
+    q.add_argument("--top", type=_at_least(1), default=5, help="how many labels (default 5)")
     q.add_argument("--device", default="auto")
     q.add_argument("--json", action="store_true", help="print as JSON")
     q.set_defaults(func=cmd_classify)
@@ -511,8 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kind", default=None, help="FAISS factory string for the global index (default: by size and --memory)")
     q.add_argument("--patch-kind", default=None, help="FAISS factory string for the patch index (default: by size and --memory)")
     q.add_argument("--memory", default="8GB", help="memory budget for both indexes, e.g. 8GB (default 8GB)")
-    q.add_argument("--shards", type=int, default=4, help="shards filled in parallel before the merge (default 4)")
-    q.add_argument("--workers", type=int, default=2, help="threads filling shards (default 2)")
+    q.add_argument("--shards", type=_at_least(1), default=4, help="shards filled in parallel before the merge (default 4)")
+    q.add_argument("--workers", type=_at_least(1), default=2, help="threads filling shards (default 2)")
     q.set_defaults(func=cmd_build_index)
 
     q = sub.add_parser("verify", help="check an index: manifest, catalog and FAISS files against each other",
@@ -543,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Milvus Lite's embedded gRPC server logs a traceback for each RPC it does not implement (pymilvus probes some)
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import transformers
 
@@ -554,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FileNotFoundError as e:
         print(f"dinosearch: error: not found: {e.filename}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the last resort at the edge: a read-only disk, a permission, a name too long
+        where = f": {e.filename}" if e.filename else ""
+        print(f"dinosearch: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dinosearch: interrupted; committed work is kept, run the same command again to resume", file=sys.stderr)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from indexer.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -25,4 +27,4 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.token is not None and len(self.token) < 16:
-            raise ValueError("DINOSEARCH_TOKEN must be at least 16 characters (write routes are guarded by it)")
+            raise ConfigError("DINOSEARCH_TOKEN must be at least 16 characters (write routes are guarded by it)")

@@ -27,6 +27,7 @@ SUPPORTED_TYPES = ("dinov2", "dinov2_with_registers")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_RESOLUTION = 1036  # 2 x 518, DINOv2's largest training resolution
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class EmbedderConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     index_precision: str | None = None  # what the index being extended or searched recorded (None: a new index)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.resolution <= MAX_RESOLUTION:
+            raise ConfigError(f"--resolution must be between the patch size and {MAX_RESOLUTION} px (DINOv2 is trained at "
+                              f"224 and 518; {MAX_RESOLUTION} px is already 5,476 patches a photo), got {self.resolution}")
 
 
 @dataclass
@@ -199,7 +205,7 @@ def load_pretrained(model: str, revision: str | None, auto_class: type, *, types
         net = auto_class.from_pretrained(source, **load_kwargs, **kwargs)
     except WeightsUnavailable:
         raise
-    except (OSError, ValueError) as e:
+    except Exception as e:  # garbage weights raise what their reader raises (SafetensorError, RuntimeError, ...)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsUnavailable(f"cannot load model '{model}' as {what}: {reason}") from None
     return net.eval()
@@ -238,10 +244,10 @@ class Embedder:
         self.patch_size = int(mc.patch_size)
         self.dim = int(mc.hidden_size)
         self.num_registers = int(getattr(mc, "num_register_tokens", 0) or 0)
-        if config.resolution % self.patch_size:
+        if config.resolution % self.patch_size or config.resolution < self.patch_size:
             raise ConfigError(
                 f"resolution {config.resolution} is not a multiple of the patch size {self.patch_size}; "
-                f"try {round(config.resolution / self.patch_size) * self.patch_size}"
+                f"try {max(1, round(config.resolution / self.patch_size)) * self.patch_size}"
             )
         self.grid = config.resolution // self.patch_size
         mean, std = _preprocessing(getattr(mc, "_name_or_path", "") or config.model)

@@ -21,9 +21,10 @@ import numpy as np
 
 from indexer.classifier import Classifier
 from indexer.embedder import Embedder
+from indexer.errors import ConfigError
 from indexer.objects import Mask, Segmenter, crop_object, rle_encode
 from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Decoded, DecodeJob, FileInfo, decode_file, scan, warm_up
-from indexer.store import Manifest, Writer
+from indexer.store import Manifest, Writer, check_kind
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,15 @@ class IndexConfig:
     patch_kind: str | None = None
     retry_failed: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Impossible values are refused here, once, not silently changed later."""
+        for name, low in (("batch_size", 1), ("workers", 0), ("commit_every", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        for kind in (self.global_kind, self.patch_kind):
+            if kind is not None:
+                check_kind(kind)
 
 
 @dataclass
@@ -165,7 +175,6 @@ def _segment(embedder: Embedder, segmenter: Segmenter, writer: Writer, stats: Ru
 
 def open_writer(index_dir, embedder: Embedder, config: IndexConfig, store: str | None) -> Writer:
     """The index's writer, checked against the model, with its external vector store if it has one."""
-    from indexer.errors import ConfigError
     from indexer.store import current_snapshot
     from indexer.vectors import open_store
 

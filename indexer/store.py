@@ -192,6 +192,20 @@ def _family(kind: str) -> str:
     return re.sub(r"IVF\d+", "IVF", kind)
 
 
+def check_kind(kind: str) -> None:
+    """Refuse a FAISS factory string that does not parse or cannot delete vectors (HNSW, NSG): the indexer
+    replaces changed photos and removes deleted ones, so such a kind would fail on the first later run."""
+    try:
+        index = faiss.IndexIDMap2(faiss.index_factory(64, kind, faiss.METRIC_INNER_PRODUCT))
+    except RuntimeError as e:
+        raise ConfigError(f"bad FAISS index kind {kind!r}: {str(e).strip().splitlines()[-1]}") from None
+    try:
+        index.remove_ids(faiss.IDSelectorBatch(np.zeros(1, np.int64)))
+    except RuntimeError:
+        raise ConfigError(f"index kind {kind!r} cannot delete vectors (FAISS has no remove_ids for it), and a re-run "
+                          f"deletes changed and removed photos: use Flat, SQ8, IVFn,Flat, IVFn,SQ8 or IVFn,PQm") from None
+
+
 def make_index(kind: str, dim: int, train: np.ndarray | None) -> faiss.Index:
     """An empty ID-mapped inner-product index of ``kind``, trained on ``train`` if it needs it."""
     try:
@@ -357,6 +371,8 @@ class Snapshot:
     @classmethod
     def open(cls, root: str | os.PathLike) -> Snapshot:
         root = Path(root).expanduser()
+        if root.exists() and not root.is_dir():
+            raise IndexFormatError(f"{root} is a file, not an index directory")
         if not root.is_dir():
             raise IndexFormatError(f"no index at {root} (run `dinosearch index FOLDER --index {root}` first)")
         snap = current_snapshot(root)
@@ -398,8 +414,13 @@ class Writer:
         self.vectors = vectors
         self._replacing = not load_indexes
         self.root = Path(root).expanduser().absolute()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.root / "lock", "a+")
+        if self.root.exists() and not self.root.is_dir():
+            raise IndexFormatError(f"{self.root} is a file, not an index directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.root / "lock", "a+")
+        except OSError as e:
+            raise IndexWriteError(f"cannot write to the index {self.root}: {e.strerror or e} (a read-only folder or disk?)") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

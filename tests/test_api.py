@@ -11,6 +11,7 @@ from PIL import Image
 
 from api.app import create_app
 from api.settings import Settings
+from indexer.errors import ConfigError
 from indexer.runner import IndexConfig, index_folder
 from indexer.testing import save_random_model
 
@@ -175,7 +176,7 @@ def test_write_routes_disabled_without_a_token(photos, embedder, tmp_path):
     with TestClient(create_app(Settings(index=idx, token=None, device="cpu"))) as client:
         r = client.delete("/photos/1", headers=AUTH)
         assert r.status_code == 403 and "DINOSEARCH_TOKEN" in r.json()["detail"]
-    with pytest.raises(ValueError, match="at least 16"):
+    with pytest.raises(ConfigError, match="at least 16"):
         Settings(index=idx, token="short")
 
 

@@ -210,3 +210,54 @@ def test_missing_faiss_is_one_line_naming_the_extra(tmp_path):
     assert p.returncode == 2 and p.stderr.strip() == (
         "dinosearch: error: FAISS is not installed: install dinosearch with an extra, "
         "pip install '.[cpu]' (or '.[gpu]' on a CUDA machine; `make setup` does it)")
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("small")
+    folder = root / "photos"
+    folder.mkdir()
+    for p in sample_photos(1)[:6]:
+        shutil.copy(p, folder / p.name)
+    run("index", str(folder), "--index", str(root / "idx"), "--model", str(tiny_model), "-q")
+    return root
+
+
+@pytest.mark.parametrize("args, message", [
+    (["index", "{photos}", "--index", "{root}/n1", "--model", "{model}", "--resolution", "-14"], "--resolution must be between"),
+    (["index", "{photos}", "--index", "{root}/n2", "--model", "{model}", "--resolution", "0"], "--resolution must be between"),
+    (["index", "{photos}", "--index", "{root}/n3", "--model", "{model}", "--resolution", "28000"], "--resolution must be between"),
+    (["index", "{photos}", "--index", "{root}/n4", "--model", "{model}", "--resolution", "5"], "not a multiple of the patch size 14; try 14"),
+    (["index", "{photos}", "--index", "{root}/n5", "--model", "{model}", "--device", "bogus"], "unknown device 'bogus'"),
+    (["index", "{photos}", "--index", "{root}/n6", "--model", "{model}", "--device", "cuda"], "no CUDA GPU"),
+    (["index", "{photos}", "--index", "{root}/n7", "--model", "{model}", "--global-kind", "HNSW32"], "cannot delete vectors"),
+    (["index", "{photos}", "--index", "{root}/n8", "--model", "{model}", "--patch-kind", "IVF16,Bogus"], "bad FAISS index kind"),
+    (["index", "{photos}", "--index", "{root}/photos/a.jpg", "--model", "{model}"], "is a file, not an index directory"),
+    (["index", "{photos}", "--index", "{root}/n9", "--model", "{root}/garbage"], "cannot load model"),
+    (["index", "{photos}", "--index", "{root}/n10", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    (["index", "{photos}", "--index", "{root}/n11", "--workers", "-1"], "--workers: must be at least 0, got -1"),
+    (["index", "{photos}", "--index", "{root}/n12", "--commit-every", "0"], "--commit-every: must be at least 1"),
+    (["search", "{root}/idx", "1", "--id", "--nprobe", "0"], "--nprobe: must be at least 1, got 0"),
+    (["search", "{root}/idx", "1", "--id", "-k", "-1"], "-k: must be at least 1"),
+    (["search", "{root}/idx", str(2**70), "--id"], "is not in the index"),
+    (["search", "{root}/photos/a.jpg", "1", "--id"], "is a file, not an index directory"),
+    (["parts", "{root}/idx", "--collection", "--sample", "0"], "--sample: must be at least 1"),
+    (["parts", "{root}/idx", "--collection", "--sample", "-1"], "--sample: must be at least 1"),
+    (["info", "{root}/photos/a.jpg"], "is a file, not an index directory"),
+])
+def test_bad_values_are_one_line_errors(small_index, tiny_model, args, message):
+    root = small_index
+    (root / "photos" / "a.jpg").write_bytes((root / "photos" / next(p.name for p in (root / "photos").iterdir())).read_bytes())
+    garbage = root / "garbage"
+    if not garbage.exists():  # a model directory whose weights are garbage
+        shutil.copytree(tiny_model, garbage)
+        (garbage / "model.safetensors").write_bytes(os.urandom(4096))
+    p = run(*(a.format(root=root, photos=root / "photos", model=tiny_model) for a in args), check=False)
+    err = [line for line in p.stderr.strip().splitlines() if not line.startswith("usage:") and not line.startswith("  ")]
+    assert p.returncode == 2 and len(err) == 1 and message in err[0] and "Traceback" not in p.stderr, p.stderr
+
+
+def test_short_token_is_one_line(small_index):
+    p = subprocess.run([sys.executable, "-m", "api.cli", "serve", str(small_index / "idx"), "--port", "1"],
+                       env={**ENV, "DINOSEARCH_TOKEN": "short"}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip() == "dinosearch: error: DINOSEARCH_TOKEN must be at least 16 characters (write routes are guarded by it)"
