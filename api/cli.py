@@ -49,6 +49,12 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def megapixels(mp: float) -> int:
+    if mp <= 0:
+        raise DinosearchError(f"--max-megapixels must be positive, got {mp:g}")
+    return int(mp * 1_000_000)
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from indexer.runner import start_pool
 
@@ -83,7 +89,7 @@ def _index(args: argparse.Namespace, pool) -> int:
     cfg = IndexConfig(
         batch_size=args.batch_size, workers=args.workers, commit_every=args.commit_every,
         global_kind=args.global_kind, patch_kind=args.patch_kind, retry_failed=args.retry_failed,
-        progress=not args.quiet,
+        progress=not args.quiet, max_pixels=megapixels(args.max_megapixels), decode_timeout=args.decode_timeout,
     )
     classifier = None
     if args.classify or args.classifier:
@@ -120,7 +126,7 @@ def _index(args: argparse.Namespace, pool) -> int:
         tagged += f", {stats.objects} objects in {stats.segmented} photos"
     print(
         f"{stats.indexed} indexed{tagged}, {stats.touched} touched, {stats.unchanged} unchanged, {stats.deleted} deleted, "
-        f"{stats.failed} failed in {stats.seconds:.1f}s ({stats.photos_per_second:.1f} photos/s) -> {idx}"
+        f"{stats.failed} failed, {stats.not_images} not images in {stats.seconds:.1f}s ({stats.photos_per_second:.1f} photos/s) -> {idx}"
     )
     for path, reason in stats.failures[:20]:
         print(f"  skipped {shown(path)}: {reason}")
@@ -304,6 +310,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "files": files, "format_version": m.format_version,
         "classifier": m.classifier, "tags": dict(engine.label_counts(20)),
         "segmenter": (m.segmenter or {}).get("model"), "objects": engine.object_count(),
+        "not_images": sum(m.not_images_total().values()), "not_images_by_extension": m.not_images_total(),
     }
     failed = [(shown(os.fsdecode(p)), e) for p, e in engine.db.execute("SELECT path, error FROM photos WHERE status='failed' ORDER BY path")]
     if args.json:
@@ -316,6 +323,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         if key == "files":
             for name, size in sorted(value.items()):
                 print(f"  {name:<16} {_human(size)}")
+        elif key == "not_images_by_extension":
+            if value:
+                print("  " + ", ".join(f"{ext or '(no extension)'} {n}" for ext, n in value.items()))
         elif key == "tags":
             if value:
                 print("tags (top-1)     " + ", ".join(f"{lab} {n}" for lab, n in value.items()))
@@ -346,7 +356,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(index=Path(args.index).expanduser(), model=args.model, device=args.device, precision=args.precision,
                         nprobe=args.nprobe, workers=args.workers,
                         max_upload_bytes=args.max_upload_mb * 2**20, commit_every=args.commit_every,
-                        upload_timeout=args.upload_timeout, store=args.store)
+                        upload_timeout=args.upload_timeout, store=args.store, max_pixels=megapixels(args.max_megapixels))
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -434,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--global-kind", default=None, help="FAISS factory string for the global index (default: by size)")
     q.add_argument("--patch-kind", default=None, help="FAISS factory string for the patch index (default: by size)")
     q.add_argument("--retry-failed", action="store_true", help="try again the files that failed before")
+    q.add_argument("--max-megapixels", type=float, default=150, help="larger photos are recorded as failed, not decoded (default 150)")
+    q.add_argument("--decode-timeout", type=float, default=60, help="seconds one file may take to read and decode (default 60)")
     q.add_argument("--classify", action="store_true", help="tag photos with an image classifier (also tags an existing index without re-embedding)")
     q.add_argument("--classifier", default=None, help="hub id or directory of any image-classification model (default google/vit-base-patch16-224)")
     from indexer.objects import SegmenterConfig
@@ -506,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-upload-mb", type=int, default=32, help="largest accepted upload (default 32 MiB)")
     q.add_argument("--commit-every", type=_at_least(1), default=200, help="photos between an index job's commits (default 200)")
     q.add_argument("--upload-timeout", type=float, default=30.0, help="seconds an upload may stall before it is dropped (default 30)")
+    q.add_argument("--max-megapixels", type=float, default=150, help="larger photos are refused, in uploads and index jobs (default 150)")
     q.add_argument("--store", default=None, metavar="URI", help="the vector store to search (default: the one the index was built with)")
     q.set_defaults(func=cmd_serve)
 

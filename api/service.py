@@ -130,7 +130,8 @@ class Service:
                 job.done, job.total = done, total
 
             try:
-                cfg = IndexConfig(workers=self.settings.workers, progress=False, commit_every=self.settings.commit_every)
+                cfg = IndexConfig(workers=self.settings.workers, progress=False, commit_every=self.settings.commit_every,
+                                  max_pixels=self.settings.max_pixels)
                 stats = index_folder(job.folder, self.settings.index, self.embedder(), cfg,
                                      on_commit=lambda _s: self.refresh(), on_progress=progress, **self._extras())
                 job.indexed, job.failed, job.state = stats.indexed, stats.failed, "done"

@@ -7,16 +7,20 @@ imports torch.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import logging
 import os
+import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pillow_heif
+import pillow_jxl  # noqa: F401  (registers JPEG XL with Pillow)
+import rawpy
 from PIL import Image, ImageOps
 
 from indexer.errors import DecodeError
@@ -25,11 +29,19 @@ log = logging.getLogger(__name__)
 
 pillow_heif.register_heif_opener()  # HEIC/HEIF (phone photos); AVIF is native in Pillow
 
-EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif .tiff .heic .heif .hif .avif".split()
+# The scan picks files by extension (fast); decoding goes by content, whatever the extension says.
+PHOTO_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .mpo .png .apng .webp .gif .bmp .dib .tif .tiff .heic .heif .hif .avif .jxl "
+    ".jp2 .j2k .jpf .jpx .pnm .pgm .ppm .pbm".split()
 )
+RAW_EXTENSIONS = frozenset(  # camera RAW, decoded by LibRaw (rawpy)
+    ".dng .cr2 .cr3 .crw .nef .nrw .arw .srf .sr2 .orf .rw2 .raf .pef .srw .rwl .3fr .iiq .erf .mrw .x3f".split()
+)
+EXTENSIONS = PHOTO_EXTENSIONS | RAW_EXTENSIONS
+RAW_PREVIEW_MIN_SIDE = 1024  # a RAW's embedded preview is used when its longest side is at least this (and the draft size)
 DEFAULT_MAX_PIXELS = 150_000_000  # declared size above this is refused (decompression bombs)
 DEFAULT_MAX_BYTES = 256 * 2**20  # files larger than this are refused before being read
+DEFAULT_DECODE_TIMEOUT = 60.0  # seconds; a file on a stalled network mount is given up after this
 # Pillow's own guard raises at 2x its limit; ours is checked first, on the declared size.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -58,31 +70,88 @@ class Decoded:
     error: str | None = None
 
 
-def scan(root: str | os.PathLike, errors: list[tuple[str, str]] | None = None) -> Iterator[FileInfo]:
+# First bytes of the formats read (for files without an extension); ISO-BMFF brands are checked apart.
+_MAGIC = (
+    b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
+    b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51",
+    b"FUJIFILMCCD-RAW", b"IIRO", b"IIRS", b"MMOR", b"IIU\x00",
+)
+_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis", b"crx "}
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Cheap magic-number check on a file's first 16 bytes: could one of the formats read hold this?"""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    if head[4:8] == b"ftyp" and head[8:12] in _BRANDS:
+        return True
+    if head[:2] == b"BM" and head[6:10] == b"\0\0\0\0":  # BMP: two reserved words are zero
+        return True
+    if head[:1] == b"P" and head[1:2] in b"123456" and head[2:3] in (b" ", b"\t", b"\r", b"\n"):  # PNM
+        return True
+    return any(head.startswith(m) for m in _MAGIC)
+
+
+@dataclass
+class ScanReport:
+    """What a scan found besides photos: files it could not read (failures) and files it passed over."""
+
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): recorded as failed
+    not_images: collections.Counter = field(default_factory=collections.Counter)  # extension ("" for none) -> count
+
+
+def _kind(mode: int) -> str:
+    return ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device" if stat.S_ISCHR(mode)
+            or stat.S_ISBLK(mode) else "directory" if stat.S_ISDIR(mode) else "special file")
+
+
+def _sniff(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return looks_like_image(f.read(16))
+    except OSError:
+        return False
+
+
+def scan(root: str | os.PathLike, report: ScanReport | None = None) -> Iterator[FileInfo]:
     """Yield the photo files below ``root`` in sorted order.
 
+    A photo is a regular file with an image or RAW extension, or without an extension
+    but with an image's first bytes. Other files are counted in ``report.not_images`` by
+    extension. Photo-named entries that cannot be read (broken link, FIFO, socket,
+    device) and unlistable folders go to ``report.errors`` as (path, reason); nothing is
+    ever opened that is not a regular file, so a FIFO cannot hang the scan.
     Directory symlinks are not followed (no loops); file symlinks are followed.
-    Unreadable entries are reported through ``errors`` as (path, reason).
     """
     root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root):
         raise DecodeError(f"not a folder: {root}")
+    report = report if report is not None else ScanReport()
 
     def onerror(e: OSError) -> None:
-        if errors is not None:
-            errors.append((e.filename or root, f"cannot list folder: {e.strerror or e}"))
+        report.errors.append((e.filename or root, f"cannot list folder: {e.strerror or e}"))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
-            if os.path.splitext(name)[1].lower() not in EXTENSIONS or name.startswith("._"):
+            ext = os.path.splitext(name)[1].lower()
+            if name.startswith("._") or (ext and ext not in EXTENSIONS):  # AppleDouble, sidecars, videos, text
+                report.not_images[ext] += 1
                 continue
             path = os.path.join(dirpath, name)
             try:
                 st = os.stat(path)
             except OSError as e:
-                if errors is not None:
-                    errors.append((path, f"cannot stat: {e.strerror or e} (broken link?)"))
+                if ext:
+                    report.errors.append((path, f"cannot stat: {e.strerror or e} (broken link?)"))
+                else:
+                    report.not_images[ext] += 1
+                continue
+            if not stat.S_ISREG(st.st_mode) or (not ext and not _sniff(path)):
+                if ext:
+                    report.errors.append((path, f"not a regular file ({_kind(st.st_mode)}): never opened"))
+                else:
+                    report.not_images[ext] += 1
                 continue
             yield FileInfo(path, st.st_size, st.st_mtime_ns)
 
@@ -106,11 +175,93 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_photo(data: bytes, *, draft_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode image bytes to an oriented RGB image.
+_RAW_MAGIC = (b"FUJIFILMCCD-RAW", b"IIRO", b"IIRS", b"MMOR", b"IIU\x00")
 
-    Returns the image (possibly downscaled by JPEG draft mode to no less than
-    ``draft_size`` on each side) and the oriented full size (width, height).
+
+def _camera_raw(data: bytes, img: Image.Image | None) -> bool:
+    """Does the content say camera RAW? RAF/ORF/RW2/CR3 by their magic; TIFF-based ones (DNG, CR2, NEF,
+    ARW, PEF, ...) by a DNGVersion tag, a Canon CR2 header, a CFA/linear-raw photometric, or a camera
+    Make with a reduced-size first image or sub-images (a plain TIFF, even a 16-bit one, has none of these)."""
+    if data.startswith(_RAW_MAGIC) or (data[4:8] == b"ftyp" and data[8:12] == b"crx "):
+        return True
+    if img is None or img.format != "TIFF":
+        return False
+    tags = img.tag_v2
+    return (50706 in tags or data[8:10] == b"CR" or tags.get(262) in (32803, 34892)
+            or (271 in tags and (330 in tags or tags.get(254) == 1)))
+
+
+def _flip(a: np.ndarray, flip: int) -> np.ndarray:
+    """Apply LibRaw's orientation code (sizes.flip: bit 1 mirror columns, 2 mirror rows, 4 transpose) as postprocess does."""
+    if flip & 2:
+        a = a[::-1]
+    if flip & 1:
+        a = a[:, ::-1]
+    if flip & 4:
+        a = a.transpose(1, 0, 2)
+    return np.ascontiguousarray(a)
+
+
+class NotCameraRaw(DecodeError):
+    """LibRaw does not know the file as a RAW (a TIFF that only looked like one)."""
+
+
+def _raw_preview(raw, need: int) -> Image.Image | None:
+    """The RAW's embedded preview as stored (not yet oriented), if its longest side is at least ``need``."""
+    try:
+        thumb = raw.extract_thumb()
+    except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
+        return None
+    if thumb.format == rawpy.ThumbFormat.JPEG:
+        img = Image.open(io.BytesIO(thumb.data))  # its own EXIF orientation is ignored: the RAW's applies
+        return img if max(img.size) >= need else None
+    a = thumb.data
+    if a.ndim != 3 or max(a.shape[:2]) < need:
+        return None
+    a = (a >> 8 if a.dtype == np.uint16 else a).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(a[..., :3] if a.shape[2] >= 3 else a[..., 0]))
+
+
+def open_raw(data: bytes, *, draft_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode a camera RAW with LibRaw: its embedded preview when that is large enough (longest side
+    >= max(RAW_PREVIEW_MIN_SIDE, draft_size)), else a half-size demosaic with the camera's white balance.
+    The RAW's orientation (sizes.flip) is applied either way. Returns (RGB image, oriented full size)."""
+    try:
+        with rawpy.imread(io.BytesIO(data)) as raw:
+            sz = raw.sizes
+            w, h = sz.width, sz.height
+            if w <= 0 or h <= 0:
+                raise DecodeError(f"invalid image size {w}x{h}")
+            if w * h > max_pixels:
+                raise DecodeError(f"too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
+            size = (h, w) if sz.flip & 4 else (w, h)
+            try:
+                preview = _raw_preview(raw, max(RAW_PREVIEW_MIN_SIDE, draft_size))
+                if preview is not None:
+                    if draft_size:
+                        preview.draft("RGB", (draft_size, draft_size))
+                    return Image.fromarray(_flip(np.asarray(_to_rgb(preview)), sz.flip)), size
+            except (OSError, ValueError, SyntaxError) as e:  # a broken preview: decode the sensor data instead
+                log.info("RAW preview unreadable (%s), decoding the sensor data", e)
+            return Image.fromarray(raw.postprocess(half_size=True, use_camera_wb=True)), size  # postprocess applies flip
+    except DecodeError:
+        raise
+    except rawpy.LibRawFileUnsupportedError as e:
+        raise NotCameraRaw(f"not a camera RAW that LibRaw knows ({e})") from None
+    except rawpy.LibRawError as e:
+        raise DecodeError(f"camera RAW that LibRaw cannot read ({type(e).__name__}: {e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise DecodeError(f"corrupt camera RAW ({type(e).__name__}: {e})") from None
+
+
+def open_photo(data: bytes, *, draft_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode image bytes to an oriented RGB image, by content whatever the file was called.
+
+    Returns the image (possibly decoded at reduced size, no less than ``draft_size`` on
+    each side: JPEG DCT scaling, a RAW's preview) and the oriented full size (width,
+    height). Multi-frame files (GIF, APNG, MPO, WebP, TIFF) give their first frame.
     Raises DecodeError with the reason for anything that is not a usable photo.
     """
     if not data:
@@ -118,9 +269,16 @@ def open_photo(data: bytes, *, draft_size: int = 0, max_pixels: int = DEFAULT_MA
     try:
         img = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
+        if _camera_raw(data, None):
+            return open_raw(data, draft_size=draft_size, max_pixels=max_pixels)
         raise DecodeError("not an image, or an unsupported format") from None
     except Exception as e:  # Pillow raises many types for garbage headers
         raise DecodeError(f"corrupt or truncated image header ({type(e).__name__}: {e})") from None
+    if _camera_raw(data, img):
+        try:
+            return open_raw(data, draft_size=draft_size, max_pixels=max_pixels)
+        except NotCameraRaw as e:  # a TIFF that only looked like a RAW: Pillow reads it
+            log.info("%s; decoding it as a TIFF", e)
     w, h = img.size
     if w <= 0 or h <= 0:
         raise DecodeError(f"invalid image size {w}x{h}")
@@ -130,7 +288,7 @@ def open_photo(data: bytes, *, draft_size: int = 0, max_pixels: int = DEFAULT_MA
         orientation = img.getexif().get(0x0112, 1)
     except Exception:
         orientation = 1
-    if draft_size and img.format == "JPEG":
+    if draft_size and img.format in ("JPEG", "MPO"):
         img.draft("RGB", (draft_size, draft_size))
     try:
         img.load()
@@ -173,11 +331,17 @@ def decode_both(data: bytes, resolution: int, large_side: int, max_pixels: int =
 
 
 def read_file(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Read a whole file, refusing anything above ``max_bytes`` before reading it."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise DecodeError(f"file too large: {size / 2**20:.0f} MiB exceeds the {max_bytes / 2**20:.0f} MiB limit")
+    """Read a whole regular file, refusing anything above ``max_bytes`` before reading it.
+
+    Opened non-blocking and checked with fstat, so a FIFO, socket or device put in a
+    photo's place after the scan is refused at once instead of blocking forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DecodeError(f"not a regular file ({_kind(st.st_mode)}): never read")
+        if st.st_size > max_bytes:
+            raise DecodeError(f"file too large: {st.st_size / 2**20:.0f} MiB exceeds the {max_bytes / 2**20:.0f} MiB limit")
         return f.read(max_bytes + 1)
 
 
@@ -193,6 +357,7 @@ class DecodeJob:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     large_side: int = 0  # > 0: also return the photo at this longest side (for SAM)
+    timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds a file may take (read + decode) before it is given up as failed
 
 
 def decode_file(info: FileInfo, job: DecodeJob) -> Decoded:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import collections
 import logging
-import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +21,8 @@ from indexer.classifier import Classifier
 from indexer.embedder import Embedder
 from indexer.errors import ConfigError
 from indexer.objects import Mask, Segmenter, crop_object, rle_encode
-from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Decoded, DecodeJob, FileInfo, decode_file, scan, warm_up
+from indexer.pool import DecodePool, decoded_in_order, start_pool
+from indexer.reader import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeJob, FileInfo, ScanReport, scan
 from indexer.store import Manifest, Writer, check_kind
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,7 @@ class IndexConfig:
     commit_seconds: float = 300.0
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds one file may take to read and decode
     global_kind: str | None = None  # FAISS factory string; None chooses by collection size
     patch_kind: str | None = None
     retry_failed: bool = False
@@ -65,6 +65,7 @@ class RunStats:
     deleted: int = 0
     indexed: int = 0
     failed: int = 0
+    not_images: int = 0  # files the scan passed over: not photos by extension or first bytes (sidecars, videos, text)
     touched: int = 0  # same content, new mtime
     labelled: int = 0  # photos given class tags
     segmented: int = 0  # photos SAM looked at
@@ -79,36 +80,6 @@ class RunStats:
         return self.indexed / self.seconds if self.seconds else 0.0
 
 
-def start_pool(workers: int) -> ProcessPoolExecutor | None:
-    """Decode processes, started now so their start-up overlaps the scan (None: decode in-process)."""
-    if workers <= 0:
-        return None
-    # spawn, not fork: no copy of a process holding torch's thread pools (scripts need a __main__ guard)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    for _ in range(workers):
-        pool.submit(warm_up)
-    return pool
-
-
-def _decoded_in_order(files: list[FileInfo], job: DecodeJob, pool: ProcessPoolExecutor | None, window: int) -> Iterator[Decoded]:
-    """Decode files in worker processes, yielding results in input order with at most ``window`` in flight."""
-    if pool is None:
-        for f in files:
-            yield decode_file(f, job)
-        return
-    pending: collections.deque[Future[Decoded]] = collections.deque()
-    try:
-        for f in files:
-            pending.append(pool.submit(decode_file, f, job))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for p in pending:
-            p.cancel()
-
-
 def index_folder(
     root: str | os.PathLike,
     index_dir: str | os.PathLike,
@@ -116,7 +87,7 @@ def index_folder(
     config: IndexConfig = IndexConfig(),
     *,
     on_commit: Callable[[RunStats], None] | None = None,
-    pool: ProcessPoolExecutor | None = None,
+    pool: DecodePool | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     classifier: Classifier | None = None,
     segmenter: Segmenter | None = None,
@@ -198,9 +169,12 @@ def open_writer(index_dir, embedder: Embedder, config: IndexConfig, store: str |
 def sync_catalog(root: str, writer: Writer, stats: RunStats) -> tuple[list[FileInfo], dict]:
     """Scan ``root``, forget the photos gone from it and record the files the scan could not read
     (they take the next ids). Returns the files found and the catalog as it was: path -> row."""
-    scan_errors: list[tuple[str, str]] = []
-    files = list(scan(root, scan_errors))
+    report = ScanReport()
+    files = list(scan(root, report))
+    scan_errors = report.errors
     stats.scanned = len(files)
+    stats.not_images = sum(report.not_images.values())
+    writer.set_not_images(root, dict(report.not_images))
     known = writer.known()
     seen = {f.path for f in files} | {p for p, _ in scan_errors}
     prefix = root.rstrip(os.sep) + os.sep
@@ -248,7 +222,7 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
             todo.append(f)
 
         job = DecodeJob(embedder.config.resolution, config.max_pixels, config.max_bytes,
-                        large_side=segmenter.side if segmenter is not None else 0)
+                        large_side=segmenter.side if segmenter is not None else 0, timeout=config.decode_timeout)
         window = max(2 * config.batch_size, 4 * max(config.workers, 1))
         batch_rows: list[tuple] = []
         batch_pixels: list[np.ndarray] = []
@@ -302,7 +276,7 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
                 on_commit(stats)
 
         bar = tqdm(total=len(todo), unit="photo", disable=not config.progress or not todo, desc="indexing", smoothing=0.1)
-        results = _decoded_in_order(todo, job, pool, window)
+        results = decoded_in_order(todo, job, pool, window)
         done = 0
         while True:
             t = time.perf_counter()

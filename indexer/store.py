@@ -108,6 +108,7 @@ class Manifest:
     segmenter: dict | None = None  # the SAM model and settings that made the objects, if any
     store: str | None = None  # URI of an external vector store (Milvus) that also holds the vectors and serves them
     object_kind: str = "Flat"
+    not_images: dict[str, dict[str, int]] = field(default_factory=dict)  # folder -> extension -> files its last scan passed over
     format_version: int = FORMAT_VERSION
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
@@ -165,6 +166,15 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
+
+    def not_images_total(self) -> dict[str, int]:
+        """Files passed over as not photos, by extension, over the indexed folders (one inside another counted once)."""
+        roots = [r for r in self.not_images if not any(r.startswith(o.rstrip(os.sep) + os.sep) for o in self.not_images)]
+        total: dict[str, int] = {}
+        for r in roots:
+            for ext, n in self.not_images[r].items():
+                total[ext] = total.get(ext, 0) + n
+        return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 # ---------------------------------------------------------------- index kinds
@@ -491,6 +501,15 @@ class Writer:
         """path -> (id, size, mtime_ns, hash, status) for every photo in the catalog."""
         rows = self.db.execute("SELECT path, id, size, mtime_ns, hash, status FROM photos")
         return {os.fsdecode(p): (i, s, m, h, st) for p, i, s, m, h, st in rows}
+
+    def set_not_images(self, root: str, counts: dict[str, int]) -> None:
+        """Record what a scan of ``root`` passed over (extension -> files); kept in the manifest at commit."""
+        if self.manifest.not_images.get(root, {}) != counts:
+            if counts:
+                self.manifest.not_images[root] = counts
+            else:
+                self.manifest.not_images.pop(root)
+            self.dirty = True
 
     def allocate_id(self) -> int:
         i = self.manifest.next_id

@@ -52,13 +52,15 @@ def test_every_hostile_file_indexes_or_is_recorded(hostile, embedder, tmp_path):
     stats = index_folder(folder, idx, embedder, IndexConfig(workers=1, progress=False))
     rows = Snapshot.open(idx).catalog().execute("SELECT path, status, error FROM photos").fetchall()
     got = {os.path.basename(os.fsdecode(p)): (s, e) for p, s, e in rows}
-    assert set(got) == set(expect), set(got) ^ set(expect)
-    for name, must_index in expect.items():
+    photos = {name: must_index for name, must_index in expect.items() if must_index is not None}
+    assert set(got) == set(photos), set(got) ^ set(photos)
+    for name, must_index in photos.items():
         status, error = got[name]
         assert (status == "indexed") == must_index, (name, status, error)
         if status == "failed":
             assert error and "\n" not in error, name
-    assert stats.indexed == sum(expect.values())
+    assert stats.indexed == sum(photos.values())
+    assert stats.not_images == list(expect.values()).count(None)  # sidecars, videos, text: counted, not failed
     assert verify(idx).ok
     assert_consistent(idx)
     # the 8 EXIF orientations of one photo are 8 different photos once applied
@@ -66,6 +68,23 @@ def test_every_hostile_file_indexes_or_is_recorded(hostile, embedder, tmp_path):
     g = Snapshot.open(idx).global_index()
     vecs = {tuple(g.reconstruct(ids[f"exif_orientation_{o}.jpg"]).round(4)) for o in range(1, 9)}
     assert len(vecs) == 8
+
+
+def test_hostile_folder_through_the_cli_summary_and_info(hostile, tiny_model, tmp_path):
+    folder, expect = hostile
+    idx = tmp_path / "idx"
+    p = cli("index", str(folder), "--index", str(idx), "--model", str(tiny_model), "-q", "--workers", "1")
+    assert p.returncode == 0, p.stderr
+    n_ok, n_failed = list(expect.values()).count(True), list(expect.values()).count(False)
+    skipped = list(expect.values()).count(None)
+    assert f"{n_ok} indexed" in p.stdout and f"{n_failed} failed, {skipped} not images" in p.stdout, p.stdout
+    assert "skipped " + str(folder / "pipe.jpg") + ": not a regular file (FIFO)" in p.stdout
+    info = json.loads(cli("info", str(idx), "--json").stdout)
+    assert (info["photos_indexed"], info["photos_failed"], info["not_images"]) == (n_ok, n_failed, skipped)
+    assert info["not_images_by_extension"] == {"": 2, ".mov": 1, ".txt": 1, ".xmp": 1}  # README and a FIFO have no extension
+    assert "not_images" in cli("info", str(idx)).stdout
+    p = cli("index", str(folder), "--index", str(idx), "-q")  # again: nothing new, the same count
+    assert p.returncode == 0 and "0 indexed" in p.stdout and f"{skipped} not images" in p.stdout, p.stdout
 
 
 def test_hostile_uploads_get_4xx_and_the_server_stays_up(hostile, embedder, tmp_path):
