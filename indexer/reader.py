@@ -19,7 +19,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageOps
 
-from indexer.errors import DecodeError
+from indexer.errors import DecodeError, ImageTooLarge, NotAnImage
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +118,14 @@ def open_photo(data: bytes, *, draft_size: int = 0, max_pixels: int = DEFAULT_MA
     try:
         img = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
-        raise DecodeError("not an image, or an unsupported format") from None
+        raise NotAnImage("not an image, or an unsupported format") from None
     except Exception as e:  # Pillow raises many types for garbage headers
         raise DecodeError(f"corrupt or truncated image header ({type(e).__name__}: {e})") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise DecodeError(f"invalid image size {w}x{h}")
     if w * h > max_pixels:
-        raise DecodeError(f"too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
+        raise ImageTooLarge(f"too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
     try:
         orientation = img.getexif().get(0x0112, 1)
     except Exception:
@@ -177,7 +177,7 @@ def read_file(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> by
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > max_bytes:
-            raise DecodeError(f"file too large: {size / 2**20:.0f} MiB exceeds the {max_bytes / 2**20:.0f} MiB limit")
+            raise ImageTooLarge(f"file too large: {size / 2**20:.0f} MiB exceeds the {max_bytes / 2**20:.0f} MiB limit")
         return f.read(max_bytes + 1)
 
 
