@@ -7,10 +7,13 @@ here: FastAPI must see the Annotated aliases built inside create_app.)
 
 
 import asyncio
+import errno
 import hmac
 import io
+import ipaddress
 import logging
 import os
+import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -20,12 +23,32 @@ from fastapi import Depends, FastAPI, File, Header, HTTPException, Query, Reques
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 from api import schemas
-from api.service import NotReady, Service
+from api.files import PhotoGone, read_indexed
+from api.service import (
+    BadFolder,
+    Busy,
+    FolderForbidden,
+    JobFinished,
+    Service,
+    UnknownJob,
+    check_folder,
+)
 from api.settings import Settings
-from indexer.errors import DecodeError, DinosearchError, IndexBusy, IndexFormatError, ModelMismatch
-from indexer.reader import open_photo, read_file
+from api.uploads import check_upload
+from indexer.errors import (
+    DecodeError,
+    DinosearchError,
+    ImageTooLarge,
+    IndexBusy,
+    IndexFormatError,
+    IndexWriteError,
+    ModelMismatch,
+    NotAnImage,
+)
+from indexer.reader import open_photo
 from search import Hit, UnknownPhoto
 from search.region import BadRegion
 
@@ -40,18 +63,89 @@ def shown(path: str) -> str:
     return os.fsencode(Path(path).name).decode("utf-8", "replace")
 
 
+# Error types -> HTTP status, first match wins (subclasses before their bases); never by message text.
+STATUS: list[tuple[type[DinosearchError], int]] = [
+    (UnknownPhoto, 404), (UnknownJob, 404), (PhotoGone, 410),
+    (BadRegion, 422), (BadFolder, 422), (FolderForbidden, 403),
+    (ModelMismatch, 409), (IndexBusy, 409), (JobFinished, 409),
+    (ImageTooLarge, 413), (NotAnImage, 415), (DecodeError, 400),
+    (Busy, 503), (IndexFormatError, 503),  # NotReady is an IndexFormatError
+]
+READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def _status(e: DinosearchError) -> int:
-    if isinstance(e, UnknownPhoto):
-        return 404
-    if isinstance(e, BadRegion):
-        return 422
-    if isinstance(e, (ModelMismatch, IndexBusy)):
-        return 409
-    if isinstance(e, DecodeError):
-        return 413 if "too large" in str(e) else 415 if "not an image" in str(e) else 400
-    if isinstance(e, (NotReady, IndexFormatError)):
-        return 503
-    return 400
+    if isinstance(e, IndexWriteError):  # the server's own disk: read-only is a conflict, full is 507
+        return 409 if e.errno in READ_ONLY else 507
+    return next((code for kind, code in STATUS if isinstance(e, kind)), 400)
+
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def host_names(bind: str, extra: tuple[str, ...] = ()) -> tuple[frozenset[str], bool]:
+    """The Host names a server bound to ``bind`` answers, and whether any IP-address literal is fine too.
+
+    A loopback bind answers its loopback names; a bind to every interface (0.0.0.0, ::) answers this machine's
+    names and any IP literal (a DNS-rebinding page always sends a DNS name, never a literal: a literal Host
+    means the page itself came from that address); ``extra`` (--allowed-host) adds names."""
+    names = {h.strip().strip("[]").lower().rstrip(".") for h in (bind, *extra) if h.strip()}
+    try:
+        ip = ipaddress.ip_address(bind.strip("[]"))
+    except ValueError:
+        ip = None
+    if bind == "localhost" or (ip is not None and ip.is_loopback):
+        names |= LOOPBACK
+    any_ip = ip is not None and ip.is_unspecified
+    if any_ip:
+        names |= LOOPBACK | {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return frozenset(names), any_ip
+
+
+def _host_of(value: str) -> str | None:
+    """The name part of a Host header ('[::1]:8000' -> '::1'), or None if it is malformed."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        end = v.find("]")
+        name, rest = (v[1:end], v[end + 1:]) if end > 0 else ("", "")
+    else:
+        name, sep, port = v.partition(":")
+        rest = sep + port
+    if not name or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+        return None
+    return name.rstrip(".")
+
+
+class HostCheck:
+    """Answer only requests whose Host header names this server (against DNS rebinding: a web page whose name
+    is re-pointed at 127.0.0.1 would otherwise read the collection through the visitor's browser); others get
+    421 with a JSON detail before any route runs."""
+
+    def __init__(self, app, names: frozenset[str], any_ip: bool = False):
+        self.app, self.names, self.any_ip = app, names, any_ip
+
+    def allowed(self, host: str | None) -> bool:
+        if host in self.names:
+            return True
+        if self.any_ip and host is not None:
+            try:
+                ipaddress.ip_address(host)
+                return True
+            except ValueError:
+                return False
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        raw = dict(scope["headers"]).get(b"host")
+        host = _host_of(raw.decode("latin-1")) if raw is not None else None
+        if self.allowed(host):
+            return await self.app(scope, receive, send)
+        shown_host = (raw or b"").decode("latin-1")[:100]
+        response = JSONResponse({"detail": f"this server does not answer to Host {shown_host!r}; it answers to "
+                                           f"{', '.join(sorted(self.names))} (serve --allowed-host NAME adds one)"}, 421)
+        await response(scope, receive, send)
 
 
 class BodyLimit:
@@ -98,10 +192,12 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     app.state.service = svc
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024,  # + multipart framing
                        timeout=settings.upload_timeout)
+    app.add_middleware(HostCheck, *host_names(settings.host, settings.allowed_hosts))  # added last: runs first
 
     @app.exception_handler(DinosearchError)
     async def dinosearch_error(request: Request, e: DinosearchError) -> JSONResponse:
-        return JSONResponse({"detail": str(e)}, status_code=_status(e))
+        headers = {"Retry-After": str(e.retry_after)} if isinstance(e, Busy) else None
+        return JSONResponse({"detail": str(e)}, status_code=_status(e), headers=headers)
 
     def get_service() -> Service:
         return svc
@@ -126,13 +222,18 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
             raise BadRegion(f"box must be x0,y0,x1,y1 in pixels of the query photo, got {box!r}") from None
         return x0, y0, x1, y1
 
-    async def read_upload(request: Request, image: UploadFile) -> bytes:
+    async def read_upload(request: Request, image: UploadFile) -> tuple[bytes, tuple[int, int]]:
+        """The uploaded bytes and the photo's oriented size, after its header passed the pixel limits."""
         data = await image.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise HTTPException(413, f"upload too large: the limit is {settings.max_upload_bytes} bytes")
-        if not data:
-            raise HTTPException(400, "empty upload: send the photo as the multipart field 'image'")
-        return data
+        size = check_upload(data, max_upload_pixels=settings.max_upload_pixels, max_pixels=settings.max_pixels)
+        return data, size
+
+    def decoded_upload(svc: Service, fn, *args):
+        """Run ``fn`` (which decodes an upload) in one of the service's few decode slots."""
+        with svc.decode_slot():
+            return fn(*args)
 
     def results(svc: Service, hits: list[Hit]) -> list[schemas.Result]:
         sizes = svc.engine.photo_size([h.photo_id for h in hits])
@@ -154,7 +255,8 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         return x, y
 
     def run_search(svc: Service, query, k: int, box: str | None, part: int | None, parts_k: int,
-                   label: str | None = None, objects: bool = False, point: str | None = None) -> schemas.SearchResponse:
+                   label: str | None = None, objects: bool = False, point: str | None = None,
+                   query_size: tuple[int, int] | None = None) -> schemas.SearchResponse:
         engine = svc.engine
         b, pt = parse_box(box), parse_point(point)
         if b is not None and part is not None:
@@ -162,6 +264,8 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         if objects or pt is not None:
             if part is not None:
                 raise BadRegion("object search takes a point or a box, not a part")
+            if isinstance(query, int) and (pt is not None or b is not None):  # SAM decodes the photo: its checked bytes
+                query = read_indexed(engine.db, query)[0]
             qo = engine.query_object(query, point=pt, box=b)
             hits = engine.objects_by_vector(qo.vector, k, allowed=engine._allowed(None, label))
             from indexer.objects import rle_encode
@@ -179,7 +283,8 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         else:
             hits, mode, size = engine.similar(query, k, label=label), "global", None
         if size is None:
-            size = engine.photo_size([query])[int(query)] if isinstance(query, int) else open_photo(query, draft_size=64)[1]
+            size = (engine.photo_size([query])[int(query)] if isinstance(query, int)
+                    else query_size or open_photo(query, draft_size=64)[1])
         return schemas.SearchResponse(mode=mode, query_size=list(size), grid=engine.manifest.grid, results=results(svc, hits))
 
     K = Annotated[int, Query(ge=1, le=settings.max_k, description="number of results")]
@@ -213,10 +318,9 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
                             label: Label = None, objects: Objects = False, point: Point = None) -> schemas.SearchResponse:
         """Photos like an uploaded photo (global), containing a region of it (box or part), or holding an object
         like one of its objects (objects / point), with where."""
-        data = await read_upload(request, image)
-        from starlette.concurrency import run_in_threadpool
-
-        return await run_in_threadpool(run_search, svc, data, k, box, part, parts_k, label, objects, point)
+        data, size = await read_upload(request, image)
+        return await run_in_threadpool(decoded_upload, svc, run_search, svc, data, k, box, part, parts_k, label,
+                                       objects, point, size)
 
     @app.get("/photos/{photo_id}/similar", response_model=schemas.SearchResponse)
     def search_by_id(photo_id: PhotoId, svc: Svc, k: K = 10, box: Box = None, part: Part = None,
@@ -240,10 +344,8 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     @app.post("/parts", response_model=schemas.PartsResponse)
     async def parts_upload(request: Request, svc: Svc, image: Annotated[UploadFile, File()], k: PartsK = 5) -> schemas.PartsResponse:
         """The parts of an uploaded photo: a k-means label per patch."""
-        data = await read_upload(request, image)
-        from starlette.concurrency import run_in_threadpool
-
-        p = await run_in_threadpool(svc.engine.parts, data, k)
+        data, _ = await read_upload(request, image)
+        p = await run_in_threadpool(decoded_upload, svc, svc.engine.parts, data, k)
         return schemas.PartsResponse(k=k, grid=int(p.labels.shape[0]), size=list(p.size), labels=p.labels.tolist())
 
     @app.get("/photos/{photo_id}/parts", response_model=schemas.PartsResponse)
@@ -265,26 +367,25 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
             raise UnknownPhoto(f"photo id {photo_id} is not in the index")
         return path
 
-    @app.get("/photos/{photo_id}", response_class=FileResponse)
-    def photo(photo_id: PhotoId, svc: Svc) -> FileResponse:
-        """The original file of an indexed photo."""
-        path = photo_path(svc, photo_id)
-        if not Path(path).is_file():
-            raise HTTPException(410, f"photo {photo_id} was indexed but its file is gone; re-index the folder")
-        return FileResponse(path)
+    @app.get("/photos/{photo_id}", response_class=Response, responses={404: {}, 410: {}})
+    def photo(photo_id: PhotoId, svc: Svc) -> Response:
+        """The original file of an indexed photo: only while its bytes are those that were indexed (else 410)."""
+        data, media_type, digest = read_indexed(svc.engine.db, photo_id)
+        return Response(data, media_type=media_type, headers={"ETag": f'"{digest}"', "X-Content-Type-Options": "nosniff"})
 
-    @app.get("/photos/{photo_id}/thumb", response_class=Response)
+    @app.get("/photos/{photo_id}/thumb", response_class=Response, responses={404: {}, 410: {}})
     def thumb(photo_id: PhotoId, svc: Svc, size: Annotated[int, Query(ge=32, le=1024)] = 256) -> Response:
-        """A JPEG thumbnail (EXIF orientation applied) of an indexed photo."""
-        path = photo_path(svc, photo_id)
+        """A JPEG thumbnail (EXIF orientation applied) of an indexed photo, made from its checked bytes."""
+        data, _, digest = read_indexed(svc.engine.db, photo_id)
         try:
-            img, _ = open_photo(read_file(path), draft_size=size)
-        except (OSError, DecodeError) as e:
-            raise HTTPException(410, f"photo {photo_id} cannot be read any more: {e}") from None
+            img, _ = open_photo(data, draft_size=size)
+        except DecodeError as e:  # the very bytes that were indexed: only a changed decoder could get here
+            raise PhotoGone(f"photo {photo_id} cannot be decoded any more: {e}") from None
         img.thumbnail((size, size))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
-        return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        return Response(buf.getvalue(), media_type="image/jpeg",
+                        headers={"Cache-Control": "max-age=3600", "ETag": f'"{digest}-{size}"'})
 
     @app.delete("/photos/{photo_id}", response_model=schemas.Deleted)
     def delete_photo(photo_id: PhotoId, svc: Svc, _: Writer) -> schemas.Deleted:
@@ -295,20 +396,25 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
 
     @app.post("/index/jobs", response_model=schemas.Job, status_code=202)
     def add_folder(req: schemas.JobRequest, svc: Svc, _: Writer) -> schemas.Job:
-        """Index (or update) a folder of the server's disk in the background; searches go on meanwhile."""
-        if not Path(req.folder).is_dir():
-            raise HTTPException(422, f"not a folder on the server: {req.folder}")
-        return job_out(svc.submit(req.folder))
+        """Index (or update) a folder of the server's disk in the background; searches go on meanwhile.
+        The folder must be absolute, an existing directory, and below --allowed-root if the server has any."""
+        return job_out(svc.submit(check_folder(req.folder, settings.allowed_roots)))
+
+    @app.delete("/index/jobs/{job_id}", response_model=schemas.Job, status_code=202)
+    def cancel_job(job_id: Annotated[int, PathParam(ge=1, le=2**62)], svc: Svc, _: Writer) -> schemas.Job:
+        """Cancel a queued job, or stop a running one at its next photo ('cancelling', then 'cancelled');
+        what it committed stays in the index."""
+        return job_out(svc.cancel(job_id))
 
     def job_out(j) -> schemas.Job:
         return schemas.Job(id=j.id, folder=j.folder, state=j.state, done=j.done, total=j.total, indexed=j.indexed,
                            failed=j.failed, error=j.error)
 
     @app.get("/index/jobs/{job_id}", response_model=schemas.Job)
-    def job(job_id: Annotated[int, PathParam(ge=1)], svc: Svc) -> schemas.Job:
+    def job(job_id: Annotated[int, PathParam(ge=1, le=2**62)], svc: Svc) -> schemas.Job:
         """Progress of an index job."""
         if job_id not in svc.jobs:
-            raise HTTPException(404, f"no job {job_id}")
+            raise UnknownJob(f"no job {job_id}")
         return job_out(svc.jobs[job_id])
 
     @app.get("/index/jobs", response_model=list[schemas.Job])

@@ -356,7 +356,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(index=Path(args.index).expanduser(), model=args.model, device=args.device, precision=args.precision,
                         nprobe=args.nprobe, workers=args.workers,
                         max_upload_bytes=args.max_upload_mb * 2**20, commit_every=args.commit_every,
-                        upload_timeout=args.upload_timeout, store=args.store, max_pixels=megapixels(args.max_megapixels))
+                        upload_timeout=args.upload_timeout, store=args.store, max_pixels=megapixels(args.max_megapixels),
+                        max_upload_pixels=int(args.max_upload_megapixels * 1e6), host=args.host,
+                        allowed_hosts=tuple(args.allowed_host), allowed_roots=tuple(Path(r) for r in args.allowed_root))
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -520,6 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--upload-timeout", type=float, default=30.0, help="seconds an upload may stall before it is dropped (default 30)")
     q.add_argument("--max-megapixels", type=float, default=150, help="larger photos are refused, in uploads and index jobs (default 150)")
     q.add_argument("--store", default=None, metavar="URI", help="the vector store to search (default: the one the index was built with)")
+    q.add_argument("--max-upload-megapixels", type=float, default=40.0,
+                   help="largest upload in pixels for formats decoded whole (PNG, WebP, TIFF, HEIF, progressive JPEG; default 40); "
+                        "baseline JPEGs are decoded at reduced size and may have up to 150 MP")
+    q.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests with this Host name (repeatable; by default only the --host names are answered, against DNS rebinding)")
+    q.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
+                   help="index jobs may only add folders below DIR (repeatable; default: any folder)")
     q.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("classify", help="top labels of a photo by the index's classifier",

@@ -73,13 +73,14 @@ class Stats(BaseModel):
 
 
 class JobRequest(BaseModel):
-    folder: str = Field(description="folder on the server's disk to index (recursively)")
+    folder: str = Field(min_length=1, max_length=4096,  # PATH_MAX
+                        description="absolute path of a folder on the server's disk to index (recursively)")
 
 
 class Job(BaseModel):
     id: int
     folder: str
-    state: str = Field(description="queued, running, done or failed")
+    state: str = Field(description="queued, running, cancelling, done, failed or cancelled")
     done: int = 0
     total: int = 0
     indexed: int = 0

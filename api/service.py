@@ -5,14 +5,19 @@ No search logic here: queries go to search.Engine, writes to indexer's runner an
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 import queue
+import stat
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from api.settings import Settings
 from indexer.embedder import Embedder, EmbedderConfig
-from indexer.errors import DinosearchError, IndexFormatError
+from indexer.errors import DinosearchError, IndexFormatError, IndexWriteError
 from indexer.runner import IndexConfig, index_folder
 from indexer.store import Snapshot, Writer, current_snapshot
 from search import Engine, EngineConfig
@@ -22,6 +27,67 @@ log = logging.getLogger(__name__)
 
 class NotReady(IndexFormatError):
     """The index has no committed snapshot yet."""
+
+
+class Busy(DinosearchError):
+    """Every decode slot stayed taken for the whole wait (HTTP 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 2):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BadFolder(DinosearchError):
+    """A folder given to an index job that is not an existing, readable directory (HTTP 422)."""
+
+
+class FolderForbidden(DinosearchError):
+    """A folder outside --allowed-root, or one the server may not read (HTTP 403)."""
+
+
+class UnknownJob(DinosearchError):
+    """No index job with this id in this server process (HTTP 404)."""
+
+
+class JobFinished(DinosearchError):
+    """The job has already ended: nothing to cancel (HTTP 409)."""
+
+
+class JobCancelled(DinosearchError):
+    """Raised inside a running job at its next photo once it is cancelled; committed work stays."""
+
+
+def check_folder(folder: str, allowed_roots: tuple = ()) -> str:
+    """The folder an index job may index: absolute, an existing directory the server can read, and below one of
+    ``allowed_roots`` (after resolving symlinks) if any are set. Returns it normalised ('..' and '//' folded,
+    symlinks kept, so catalog paths are those a CLI run on the same folder records)."""
+    if not os.path.isabs(folder) or "\0" in folder:
+        raise BadFolder(f"the folder must be an absolute path on the server, got {folder[:200]!r}")
+    path = os.path.normpath(folder)
+    try:
+        st = os.stat(path)
+        real = os.path.realpath(path, strict=True)
+    except OSError as e:
+        why = {errno.ENOENT: "no such folder on the server", errno.ENOTDIR: "a part of it is not a folder",
+               errno.ENAMETOOLONG: "the name is too long", errno.ELOOP: "too many levels of symbolic links"}
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise FolderForbidden(f"the server may not read {path[:200]}: {e.strerror}") from None
+        raise BadFolder(f"cannot index {path[:200]}: {why.get(e.errno, e.strerror)}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise BadFolder(f"not a folder: {path[:200]}")
+    if allowed_roots:
+        roots = [os.path.realpath(r) for r in allowed_roots]
+        if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+            raise FolderForbidden(f"{path[:200]} is outside the folders this server may index ({', '.join(roots)}; "
+                                  f"serve --allowed-root)")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise FolderForbidden(f"the server may not read {path[:200]}: permission denied")
+    return path
+
+
+def write_error(e: OSError, index) -> IndexWriteError:
+    """An OSError met while opening the index for writing, as the typed error the HTTP layer maps by errno."""
+    return IndexWriteError(f"cannot write the index at {index}: {e.strerror or e}", errno=e.errno)
 
 
 @dataclass
@@ -35,6 +101,7 @@ class JobState:
     failed: int = 0
     error: str | None = None
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
 
 class Service:
@@ -47,6 +114,18 @@ class Service:
         self.jobs: dict[int, JobState] = {}
         self._queue: queue.Queue[JobState | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run_jobs, name="index-jobs", daemon=True)
+        self._decodes = threading.BoundedSemaphore(max(1, settings.max_decodes))
+
+    @contextlib.contextmanager
+    def decode_slot(self) -> Iterator[None]:
+        """One of ``max_decodes`` slots for decoding and searching an upload; waits up to ``decode_wait`` s."""
+        if not self._decodes.acquire(timeout=self.settings.decode_wait):
+            raise Busy(f"busy: {self.settings.max_decodes} uploads are being decoded; try again in a moment",
+                       retry_after=max(1, round(self.settings.decode_wait)))
+        try:
+            yield
+        finally:
+            self._decodes.release()
 
     # -- lifecycle
 
@@ -122,12 +201,32 @@ class Service:
         self._queue.put(job)
         return job
 
+    def cancel(self, job_id: int) -> JobState:
+        """Cancel a queued job (it never starts) or a running one (it stops at its next photo; what it
+        committed stays, the rest of its folder is indexed by the next job on it)."""
+        with self._lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                raise UnknownJob(f"no job {job_id}")
+            if job.state not in ("queued", "running"):
+                raise JobFinished(f"job {job_id} has already ended ({job.state})")
+            job.cancel.set()
+            job.state = "cancelled" if job.state == "queued" else "cancelling"
+        return job
+
     def _run_jobs(self) -> None:
         while (job := self._queue.get()) is not None:
-            job.state = "running"
+            with self._lock:
+                if job.cancel.is_set():
+                    job.state = "cancelled"
+                    job.finished.set()
+                    continue
+                job.state = "running"
 
             def progress(done: int, total: int, job: JobState = job) -> None:
                 job.done, job.total = done, total
+                if job.cancel.is_set():
+                    raise JobCancelled(f"job {job.id} cancelled after {done} of {total} photos")
 
             try:
                 cfg = IndexConfig(workers=self.settings.workers, progress=False, commit_every=self.settings.commit_every,
@@ -135,6 +234,8 @@ class Service:
                 stats = index_folder(job.folder, self.settings.index, self.embedder(), cfg,
                                      on_commit=lambda _s: self.refresh(), on_progress=progress, **self._extras())
                 job.indexed, job.failed, job.state = stats.indexed, stats.failed, "done"
+            except JobCancelled:
+                job.state = "cancelled"
             except Exception as e:  # the job reports it; the server stays up
                 log.exception("index job %d failed", job.id)
                 job.state, job.error = "failed", str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -146,8 +247,11 @@ class Service:
         engine = self.engine
         if not engine.path_of([photo_id]):
             return False
-        with Writer(self.settings.index, engine.manifest, vectors=engine.vectors) as w:  # Milvus too, if it holds them
-            w.delete([photo_id])
-            w.commit()
+        try:
+            with Writer(self.settings.index, engine.manifest, vectors=engine.vectors) as w:  # Milvus too, if it holds them
+                w.delete([photo_id])
+                w.commit()
+        except OSError as e:  # opening the writer: a read-only or foreign-owned index directory
+            raise write_error(e, self.settings.index) from None
         self.refresh()
         return True

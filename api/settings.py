@@ -15,7 +15,16 @@ class Settings:
     token: str | None = field(default_factory=lambda: os.environ.get("DINOSEARCH_TOKEN") or None)
     max_upload_bytes: int = 32 * 2**20
     upload_timeout: float = 30.0  # seconds an upload may stall before it is dropped (408)
-    max_pixels: int = 150_000_000
+    max_pixels: int = 150_000_000  # baseline JPEG uploads (decoded at reduced size) and indexed photos
+    # other uploads (decoded whole: PNG, WebP, GIF, TIFF, HEIF, progressive JPEG): 40 MP is above every
+    # screen (8K: 33 MP), A4 scan at 600 dpi (35 MP) and the 12-24 MP photos cameras and phones save by default,
+    # and a 40 MP PNG decodes in 0.8 s with 0.3 GB (measured); a 12000x12000 PNG bomb (144 MP) is refused from its header
+    max_upload_pixels: int = 40_000_000
+    max_decodes: int = 2  # uploads decoded and searched at once; more wait up to decode_wait s, then 503
+    decode_wait: float = 5.0
+    host: str = "127.0.0.1"  # the address the server is bound to: its names are the Host headers answered
+    allowed_hosts: tuple[str, ...] = ()  # more Host names to answer (a reverse proxy's, a LAN name)
+    allowed_roots: tuple[Path, ...] = ()  # index jobs may only add folders below these (empty: any folder)
     max_k: int = 1000
     model: str | None = None  # None: the index's model
     device: str = "auto"

@@ -30,4 +30,17 @@ class ConfigError(DinosearchError):
 
 
 class IndexWriteError(DinosearchError):
-    """A commit could not be written (disk full, file size limit, read-only); the last snapshot is intact."""
+    """A commit could not be written (disk full, file size limit, read-only); the last snapshot is intact.
+    ``errno``: the OS error behind it, if any (the HTTP layer maps read-only to 409, a full disk to 507)."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class NotAnImage(DecodeError):
+    """The bytes are no image format this program reads."""
+
+
+class ImageTooLarge(DecodeError):
+    """A file or photo above a size limit (bytes or pixels); refused before it is decoded."""

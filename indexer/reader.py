@@ -23,7 +23,7 @@ import pillow_jxl  # noqa: F401  (registers JPEG XL with Pillow)
 import rawpy
 from PIL import Image, ImageOps
 
-from indexer.errors import DecodeError
+from indexer.errors import DecodeError, ImageTooLarge, NotAnImage
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def open_raw(data: bytes, *, draft_size: int = 0, max_pixels: int = DEFAULT_MAX_
             if w <= 0 or h <= 0:
                 raise DecodeError(f"invalid image size {w}x{h}")
             if w * h > max_pixels:
-                raise DecodeError(f"too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
+                raise ImageTooLarge(f"too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
             size = (h, w) if sz.flip & 4 else (w, h)
             try:
                 preview = _raw_preview(raw, max(RAW_PREVIEW_MIN_SIDE, draft_size))
@@ -271,7 +271,7 @@ def open_photo(data: bytes, *, draft_size: int = 0, max_pixels: int = DEFAULT_MA
     except Image.UnidentifiedImageError:
         if _camera_raw(data, None):
             return open_raw(data, draft_size=draft_size, max_pixels=max_pixels)
-        raise DecodeError("not an image, or an unsupported format") from None
+        raise NotAnImage("not an image, or an unsupported format") from None
     except Exception as e:  # Pillow raises many types for garbage headers
         raise DecodeError(f"corrupt or truncated image header ({type(e).__name__}: {e})") from None
     if _camera_raw(data, img):
@@ -283,7 +283,7 @@ def open_photo(data: bytes, *, draft_size: int = 0, max_pixels: int = DEFAULT_MA
     if w <= 0 or h <= 0:
         raise DecodeError(f"invalid image size {w}x{h}")
     if w * h > max_pixels:
-        raise DecodeError(f"too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
+        raise ImageTooLarge(f"too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
     try:
         orientation = img.getexif().get(0x0112, 1)
     except Exception:
@@ -341,7 +341,7 @@ def read_file(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> by
         if not stat.S_ISREG(st.st_mode):
             raise DecodeError(f"not a regular file ({_kind(st.st_mode)}): never read")
         if st.st_size > max_bytes:
-            raise DecodeError(f"file too large: {st.st_size / 2**20:.0f} MiB exceeds the {max_bytes / 2**20:.0f} MiB limit")
+            raise ImageTooLarge(f"file too large: {st.st_size / 2**20:.0f} MiB exceeds the {max_bytes / 2**20:.0f} MiB limit")
         return f.read(max_bytes + 1)
 
 

@@ -41,28 +41,40 @@ class Report:
         return not self.problems
 
 
-def _probe(path: str) -> None:
+def _probe(path: str, answer) -> None:
     try:
         read_index(Path(path))
-    except IndexFormatError:
-        raise SystemExit(3) from None  # a clean refusal; the parent reads the file again for the message
+    except IndexFormatError as e:  # a clean refusal (also a damaged header asking for more memory than allowed)
+        answer.send(str(e))
+        raise SystemExit(3) from None
+    except MemoryError:
+        answer.send(f"{path} is corrupt: reading it asks for more memory than this process may have")
+        raise SystemExit(3) from None
 
 
 def _safe_to_read(path: Path) -> str | None:
-    """None if FAISS reads the file in a child process; else why not."""
+    """None if FAISS reads the file in a child process; else why not, in the child's words. The parent never
+    reads a file the child could not (that is what crashed or exhausted memory in the child)."""
     ctx = multiprocessing.get_context("spawn")
-    p = ctx.Process(target=_probe, args=(str(path),))
+    theirs, ours = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_probe, args=(str(path), ours))
     p.start()
+    ours.close()
     p.join(600)
     if p.exitcode == 0:
         return None
-    if p.exitcode is not None and p.exitcode < 0:
+    if p.exitcode is None:
+        p.kill()
+        p.join()
+        return f"{path} could not be read: the FAISS reader did not finish in 600 s"
+    if p.exitcode < 0:
         return f"{path} is corrupt: the FAISS reader crashed on it (signal {-p.exitcode})"
     try:
-        read_index(path)
-    except IndexFormatError as e:
-        return str(e)
-    return f"{path} could not be read (exit code {p.exitcode})"
+        if theirs.poll():
+            return theirs.recv()
+    except (EOFError, OSError):
+        pass
+    return f"{path} could not be read (the reader exited with code {p.exitcode})"
 
 
 def _snapshot_problems(snap: Path) -> tuple[list[str], dict[str, int]]:
@@ -86,9 +98,11 @@ def _snapshot_problems(snap: Path) -> tuple[list[str], dict[str, int]]:
     counts.update(photos_indexed=len(indexed), photos_failed=sum(s == "failed" for _, s in rows))
     if rows and max(i for i, _ in rows) >= m.next_id:
         problems.append(f"manifest next_id {m.next_id} is not above the largest photo id {max(i for i, _ in rows)}")
+    damaged: set[str] = set()  # files that differ from the commit: checked in a child only, never read here
     for name, want in m.files.items():
         path = snap / name
         if path.is_file() and file_digest(path) != want:
+            damaged.add(name)
             problems.append(f"{path} differs from what was committed (size {path.stat().st_size}, expected {want['size']}; "
                             f"checksum mismatch): the file was changed or damaged after the commit")
     g2 = m.grid * m.grid
@@ -97,6 +111,8 @@ def _snapshot_problems(snap: Path) -> tuple[list[str], dict[str, int]]:
         why = _safe_to_read(path) if path.is_file() else f"{path} is missing"
         if why:
             problems.append(why)
+            continue
+        if name in damaged:
             continue
         index = read_index(path)
         if index.d != m.dim:
@@ -119,7 +135,7 @@ def _snapshot_problems(snap: Path) -> tuple[list[str], dict[str, int]]:
         why = _safe_to_read(path)
         if why:
             problems.append(why)
-        else:
+        elif OBJECT_FILE not in damaged:
             ids = np.sort(index_ids(read_index(path)))
             counts[OBJECT_FILE] = len(ids)
             if not np.array_equal(ids, object_rows):

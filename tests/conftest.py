@@ -87,3 +87,11 @@ def need(module: str, what: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{module} is missing: `make setup` installs {what}")
         pytest.skip(f"{module} is not installed ({what})")
+
+
+def local_client(app, **kw):
+    """FastAPI's test client, sending Host 127.0.0.1 as a browser on this machine does (the app answers only
+    the Host names of its bind address, against DNS rebinding; the client's default 'testserver' is not one)."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, base_url="http://127.0.0.1", **kw)

@@ -6,7 +6,7 @@ import io
 import time
 
 import pytest
-from fastapi.testclient import TestClient
+from conftest import local_client
 from PIL import Image
 
 from api.app import create_app
@@ -24,7 +24,7 @@ def served(photos, embedder, tiny_model, tmp_path):
     idx = tmp_path / "idx"
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
     settings = Settings(index=idx, token=TOKEN, max_upload_bytes=2 * 2**20, model=str(tiny_model), device="cpu", workers=0)
-    with TestClient(create_app(settings)) as client:
+    with local_client(create_app(settings)) as client:
         yield client, photos
 
 
@@ -173,7 +173,7 @@ def test_write_routes_need_the_token_and_work_with_it(served, tmp_path):
 def test_write_routes_disabled_without_a_token(photos, embedder, tmp_path):
     idx = tmp_path / "idx"
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
-    with TestClient(create_app(Settings(index=idx, token=None, device="cpu"))) as client:
+    with local_client(create_app(Settings(index=idx, token=None, device="cpu"))) as client:
         r = client.delete("/photos/1", headers=AUTH)
         assert r.status_code == 403 and "DINOSEARCH_TOKEN" in r.json()["detail"]
     with pytest.raises(ConfigError, match="at least 16"):
@@ -184,11 +184,11 @@ def test_model_mismatch_is_409_and_empty_index_503(photos, embedder, tmp_path):
     idx = tmp_path / "idx"
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
     other = save_random_model(tmp_path / "other", "tiny", seed=3)
-    with TestClient(create_app(Settings(index=idx, model=str(other), device="cpu"))) as client:
+    with local_client(create_app(Settings(index=idx, model=str(other), device="cpu"))) as client:
         r = client.get("/photos/1/similar")
         assert r.status_code == 409 and "embeds differently" in r.json()["detail"]
         assert client.get("/health").status_code == 200
-    with TestClient(create_app(Settings(index=tmp_path / "new", device="cpu"))) as client:
+    with local_client(create_app(Settings(index=tmp_path / "new", device="cpu"))) as client:
         r = client.get("/stats")
         assert r.status_code == 503 and "add photos first" in r.json()["detail"]
 
@@ -203,7 +203,7 @@ def test_label_filter_and_labels_route(photos, embedder, tmp_path):
                      device=torch.device("cpu"))
     idx = tmp_path / "idx"
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False), classifier=clf)
-    with TestClient(create_app(Settings(index=idx, device="cpu"))) as client:
+    with local_client(create_app(Settings(index=idx, device="cpu"))) as client:
         counts = client.get("/labels").json()
         assert sum(c["photos"] for c in counts) == 48 and {c["label"] for c in counts} <= {"cat", "dog", "boat"}
         label = counts[0]["label"]

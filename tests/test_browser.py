@@ -112,7 +112,7 @@ def test_a_stalled_upload_gets_408_and_does_not_hold_the_server(photos, embedder
     with live_server(app) as (_, port):
         stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
         for s in stalled:
-            s.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            s.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                       b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n\r\n\xff\xd8")
         t0 = time.time()
         for _ in range(5):  # answered while 8 uploads hang

@@ -25,13 +25,19 @@ def test_no_generated_input_gives_a_server_error(embedder, tiny_model, tmp_path)
         shutil.copy(p, photos / p.name)
     idx = tmp_path / "idx"
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
-    # a token is set but not sent: write routes must refuse, never crash (and never index '/')
-    app = create_app(Settings(index=idx, model=str(tiny_model), token="fuzz-token-0123456789abcdef", device="cpu", workers=0))
-    with live_server(app) as (url, _):
-        p = subprocess.run([str(ST), "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
-                            "--max-examples", "25", "--workers", "1", "--no-color"],
-                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
-        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    # first a token is set but not sent: write routes must refuse, never crash (and never index '/');
+    # then it is sent, with jobs confined to an empty folder: folder validation, deletes and cancels get fuzzed too
+    jail = tmp_path / "jail"
+    jail.mkdir()
+    token = "fuzz-token-0123456789abcdef"
+    app = create_app(Settings(index=idx, model=str(tiny_model), token=token, device="cpu", workers=0, allowed_roots=(jail,)))
+    with live_server(app) as (url, _):  # schemathesis sends Host 127.0.0.1:PORT: the Host check is on
         operations = sum(len(v) for v in app.openapi()["paths"].values())
-        assert operations >= 15 and f"Tested: {operations}" in p.stdout and " 0 passed" not in p.stdout  # every one exercised
-        assert urllib.request.urlopen(f"{url}/health").status == 200
+        assert operations >= 16
+        for auth in ([], ["-H", f"Authorization: Bearer {token}"]):
+            p = subprocess.run([str(ST), "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
+                                "--max-examples", "25", "--workers", "1", "--no-color", *auth],
+                               capture_output=True, text=True, timeout=900, cwd=tmp_path)
+            assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+            assert f"Tested: {operations}" in p.stdout and " 0 passed" not in p.stdout  # every one exercised
+            assert urllib.request.urlopen(f"{url}/health").status == 200

@@ -323,7 +323,7 @@ def test_cli_objects_point_box_and_a_killed_run_resumes(tmp_path, tiny_model, sa
 
 
 def test_http_object_search_point_box_and_jobs_keep_making_objects(tmp_path, embedder, tiny_model, sam_dir):
-    from fastapi.testclient import TestClient
+    from conftest import local_client
 
     from api.app import create_app
     from api.settings import Settings
@@ -340,7 +340,7 @@ def test_http_object_search_point_box_and_jobs_keep_making_objects(tmp_path, emb
     token = "t0ken-for-the-tests-0123456789"
     settings = Settings(index=idx, token=token, model=str(tiny_model), device="cpu", workers=0)
     q = (folder / sorted(p.name for p in folder.iterdir())[2]).read_bytes()
-    with TestClient(create_app(settings)) as client:
+    with local_client(create_app(settings)) as client:
         s = client.get("/stats").json()
         assert s["segmenter"] == str(sam_dir) and s["objects"] == Engine(idx).object_count() > 0
         for params in ({"objects": "true"}, {"point": "40,30"}, {"objects": "true", "box": "5,5,150,100"}):
@@ -375,7 +375,7 @@ def test_http_object_search_point_box_and_jobs_keep_making_objects(tmp_path, emb
         assert len(new.objects_of([7, 8])) == 2 and verify(idx).ok
     plain = tmp_path / "plain"
     index_folder(folder, plain, embedder, CFG)
-    with TestClient(create_app(Settings(index=plain, model=str(tiny_model), device="cpu", workers=0))) as client:
+    with local_client(create_app(Settings(index=plain, model=str(tiny_model), device="cpu", workers=0))) as client:
         r = client.post("/search", params={"objects": "true"}, files={"image": ("q.jpg", q, "image/jpeg")})
         assert r.status_code == 400 and "--objects" in r.json()["detail"]
 

@@ -11,8 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, free_port
-from fastapi.testclient import TestClient
+from conftest import REPO, free_port, local_client
 from test_index import assert_consistent, catalog_rows
 
 from api.app import create_app
@@ -91,7 +90,7 @@ def test_hostile_uploads_get_4xx_and_the_server_stays_up(hostile, embedder, tmp_
     folder, expect = hostile
     idx = tmp_path / "idx"
     index_folder(folder, idx, embedder, IndexConfig(workers=0, progress=False))
-    with TestClient(create_app(Settings(index=idx, device="cpu"))) as client:
+    with local_client(create_app(Settings(index=idx, device="cpu"))) as client:
         for name, must_index in sorted(make(tmp_path / "again").items()):
             r = client.post("/search", files={"image": (name, (folder / name).read_bytes(), "application/octet-stream")})
             if must_index:

@@ -103,7 +103,7 @@ def test_bad_uris_are_clear():
 def test_index_and_serve_with_milvus_behind(photos, embedder, tiny_model, tmp_path):
     """`index --store milvus-lite://...`: Milvus gets every vector and answers global, tag, region and delete."""
     need("milvus_lite", "the lite extra (Milvus Lite)")
-    from fastapi.testclient import TestClient
+    from conftest import local_client
 
     from api.app import create_app
     from api.settings import Settings
@@ -136,7 +136,7 @@ def test_index_and_serve_with_milvus_behind(photos, embedder, tiny_model, tmp_pa
     assert sorted(h.photo_id for h in e.similar(q, 10, label="kayak")) == [1, 2]
     # the server searches Milvus; a delete reaches it
     token = "t0ken-for-the-tests-0123456789"
-    with TestClient(create_app(Settings(index=idx, token=token, model=str(tiny_model), device="cpu", workers=0))) as client:
+    with local_client(create_app(Settings(index=idx, token=token, model=str(tiny_model), device="cpu", workers=0))) as client:
         hits = client.get("/photos/3/similar", params={"k": 5}).json()["results"]
         assert hits[0]["id"] == 3
         assert client.delete("/photos/3", headers={"Authorization": f"Bearer {token}"}).status_code == 200

@@ -233,7 +233,7 @@ $("job-form").addEventListener("submit", async (ev) => {
       const j = await api(`/index/jobs/${job.id}`);
       bar.max = Math.max(1, j.total); bar.value = j.done;
       status.textContent = `${j.state}: ${j.done} / ${j.total} photos, ${j.indexed} indexed, ${j.failed} failed${j.error ? " — " + j.error : ""}`;
-      if (j.state === "done" || j.state === "failed") break;
+      if (["done", "failed", "cancelled"].includes(j.state)) break;  // a job cancelled through the API ends too
       await new Promise((r) => setTimeout(r, 700));
     }
     loadStats();
