@@ -445,7 +445,8 @@ class Writer:
             self.root.mkdir(parents=True, exist_ok=True)
             self._lock = open(self.root / "lock", "a+")
         except OSError as e:
-            raise IndexWriteError(f"cannot write to the index {self.root}: {e.strerror or e} (a read-only folder or disk?)") from None
+            raise IndexWriteError(f"cannot write to the index {self.root}: {e.strerror or e} (a read-only folder or disk?)",
+                                  errno=e.errno) from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
