@@ -455,7 +455,7 @@ class Engine:
         hits = []
         for (score, sim), p in top:
             box_p, heat = localize(sim, grid, sizes.get(p, (self.manifest.resolution,) * 2), qcells)
-            hits.append(Hit(p, paths.get(p, "?"), score, box_p, heat))
+            hits.append(Hit(p, paths.get(p, "?"), min(score, 1.0), box_p, heat))  # ranked unclipped, reported as a cosine
         return hits
 
     def parts(self, query: Query, k: int = 5, *, seed: int = 0) -> Parts:
