@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from api import schemas
+from api.duplicate_routes import router as duplicates_router
 from api.files import PhotoGone, read_indexed
 from api.service import (
     BadFolder,
@@ -50,6 +51,7 @@ from indexer.errors import (
 )
 from indexer.reader import open_photo
 from search import Hit, UnknownPhoto
+from search.duplicates import BadDuplicateQuery, MoveError
 from search.region import BadRegion
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def shown(path: str) -> str:
 # Error types -> HTTP status, first match wins (subclasses before their bases); never by message text.
 STATUS: list[tuple[type[DinosearchError], int]] = [
     (UnknownPhoto, 404), (UnknownJob, 404), (PhotoGone, 410),
-    (BadRegion, 422), (BadFolder, 422), (FolderForbidden, 403),
+    (BadRegion, 422), (BadFolder, 422), (FolderForbidden, 403), (BadDuplicateQuery, 422), (MoveError, 422),
     (ModelMismatch, 409), (IndexBusy, 409), (JobFinished, 409),
     (ImageTooLarge, 413), (NotAnImage, 415), (DecodeError, 400),
     (Busy, 503), (IndexFormatError, 503),  # NotReady is an IndexFormatError
@@ -421,6 +423,8 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     def jobs(svc: Svc) -> list[schemas.Job]:
         """All index jobs of this server process."""
         return [job_out(j) for j in svc.jobs.values()]
+
+    app.include_router(duplicates_router)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -209,3 +209,28 @@ def test_move_goes_on_past_errors(tmp_path, embedder):
     undo = undo_moves(rep.manifest)
     assert len(undo.moved) == 1 and not undo.errors
     assert {p.name for p in photos.iterdir()} == {"a.jpg", "b.jpg", "c.jpg"} - {os.path.basename(victims[0].path)}
+
+
+def test_http_routes(dup_index, tiny_model):
+    from conftest import local_client
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    idx, original, fam = dup_index
+    ids = by_path(Engine(idx))
+    settings = Settings(index=idx, model=str(tiny_model), device="cpu", workers=0)
+    with local_client(create_app(settings)) as client:
+        page = client.get("/duplicates", params={"limit": 1}).json()
+        assert page["total"] == 1 and page["offset"] == 0 and len(page["groups"]) == 1
+        g = page["groups"][0]
+        assert g["kind"] == "edited" and len(g["photos"]) == 7 and "/" not in g["photos"][0]["path"]
+        assert client.get("/duplicates", params={"kind": "exact"}).json()["total"] == 0
+        assert client.get("/duplicates", params={"offset": 5}).json()["groups"] == []
+        assert client.get("/duplicates", params={"kind": "bogus"}).status_code == 422
+        assert client.get("/duplicates", params={"threshold": 2}).status_code == 422
+        mine = client.get(f"/photos/{ids[fam['copy.jpg']]}/duplicates").json()
+        kinds = {d["id"]: d["kind"] for d in mine["duplicates"]}
+        assert kinds[ids[original]] == "exact" and kinds[ids[fam["same.png"]]] == "exact"
+        assert ids[fam["mirror.jpg"]] in kinds
+        assert client.get("/photos/999999/duplicates").status_code == 404
