@@ -151,8 +151,8 @@ def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(s), float(t)
 
 
-def _agreement(sim: np.ndarray, grid: int, sym, fy: tuple[float, float], fx: tuple[float, float], tau: float
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _agreement(sim: np.ndarray, grid: int, sym, fy: tuple[float, float], fx: tuple[float, float], tau: float,
+               top: np.ndarray, mid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cells of a inside the overlap, and whether each agrees: some cell of b within one cell of where the
     transform maps it is within ``tau`` of a's best match anywhere in b (so flat regions, where many cells tie,
     agree as they should); ``tau`` is a share of the gap between a's best and its median match, so photos whose
@@ -170,8 +170,7 @@ def _agreement(sim: np.ndarray, grid: int, sym, fy: tuple[float, float], fx: tup
             r0, c0 = _from_grid(rr, cc, grid, sym)
             best = np.maximum(best, sim[cells, r0 * grid + c0])
     r0, c0 = _from_grid(rb, cb, grid, sym)
-    rows = sim[cells]
-    top, mid = rows.max(1), np.median(rows, 1)
+    top, mid = top[cells], mid[cells]  # each row's best and median match, computed once per pair
     return cells, best >= top - tau * (top - mid), r0 * grid + c0
 
 
@@ -188,7 +187,7 @@ def _from_grid(r: np.ndarray, c: np.ndarray, g: int, sym: tuple[bool, bool, bool
 
 
 def verify(xa: np.ndarray, xb: np.ndarray, grid: int, *, min_matches: int = 8, tol: float = 1.0, tau: float = 0.1,
-           max_scale: float = 4.0, hypotheses: int = 40) -> Match | None:
+           max_scale: float = 4.0, hypotheses: int = 24) -> Match | None:
     """Geometric verification of two photos on their patch grids.
 
     xa, xb: [grid*grid, D] patch vectors (row-major cells), L2-normalized (approximately: decoded codes).
@@ -210,6 +209,8 @@ def verify(xa: np.ndarray, xb: np.ndarray, grid: int, *, min_matches: int = 8, t
     s = sim[a, b]
     ra, ca = (a // grid).astype(np.float64), (a % grid).astype(np.float64)
     rb0, cb0 = b // grid, b % grid
+    top_a, mid_a = sim.max(1), np.median(sim, 1)
+    top_b, mid_b = sim.max(0), np.median(sim, 0)
     top = np.argsort(-s, kind="stable")[:hypotheses]
     i, j = np.triu_indices(len(top), 1)
     i, j = top[i], top[j]
@@ -244,11 +245,11 @@ def verify(xa: np.ndarray, xb: np.ndarray, grid: int, *, min_matches: int = 8, t
             n = int(m.sum())
             if n < min_matches:
                 continue
-            cells_a, agree_a, _ = _agreement(sim, grid, sym, fy, fx, tau)
+            cells_a, agree_a, _ = _agreement(sim, grid, sym, fy, fx, tau, top_a, mid_a)
             inv_y, inv_x = (1 / fy[0], -fy[1] / fy[0]), (1 / fx[0], -fx[1] / fx[0])
             # b's side: b's cells (in the symmetric view) mapped back into a
-            sim_t = _view(sim.T, grid, sym)
-            cells_bt, agree_b, _ = _agreement(sim_t, grid, _IDENTITY, inv_y, inv_x, tau)
+            own = _view(grid, sym)
+            cells_bt, agree_b, _ = _agreement(sim.T[own], grid, _IDENTITY, inv_y, inv_x, tau, top_b[own], mid_b[own])
             if not len(cells_a) or not len(cells_bt):
                 continue
             score = min(agree_a.mean(), agree_b.mean())
@@ -271,11 +272,11 @@ def verify(xa: np.ndarray, xb: np.ndarray, grid: int, *, min_matches: int = 8, t
 _IDENTITY = (False, False, False)
 
 
-def _view(sim_ba: np.ndarray, grid: int, sym) -> np.ndarray:
-    """sim [b cells, a cells] with b's rows reordered into b's symmetric view (row k = view cell k)."""
+def _view(grid: int, sym) -> np.ndarray:
+    """b's own cell under each cell of its symmetric view (index k of the result = view cell k)."""
     k = np.arange(grid * grid)
     r0, c0 = _from_grid(k // grid, k % grid, grid, sym)
-    return sim_ba[r0 * grid + c0]
+    return r0 * grid + c0
 
 
 def cells_to_box(cells: tuple[int, int, int, int], size: tuple[int, int], grid: int) -> tuple[int, int, int, int]:

@@ -234,3 +234,17 @@ def test_http_routes(dup_index, tiny_model):
         assert kinds[ids[original]] == "exact" and kinds[ids[fam["same.png"]]] == "exact"
         assert ids[fam["mirror.jpg"]] in kinds
         assert client.get("/photos/999999/duplicates").status_code == 404
+
+
+def test_bench_scale_stage_runs(tmp_path):
+    """The benchmark's scale stage on a few vectors (the suite stage needs a dinov2-small: run by hand)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_duplicates.py"), "--skip-suite", "--vectors", "3000",
+                        "--sample", "200", "--kind", "IVF32,Flat", "--nprobe", "8"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "recall of planted pairs 1.000" in p.stdout
