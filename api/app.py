@@ -400,7 +400,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     def add_folder(req: schemas.JobRequest, svc: Svc, _: Writer) -> schemas.Job:
         """Index (or update) a folder of the server's disk in the background; searches go on meanwhile.
         The folder must be absolute, an existing directory, and below --allowed-root if the server has any."""
-        return job_out(svc.submit(check_folder(req.folder, settings.allowed_roots)))
+        return job_out(svc.submit(check_folder(req.folder, settings.allowed_roots), check_duplicates=req.check_duplicates))
 
     @app.delete("/index/jobs/{job_id}", response_model=schemas.Job, status_code=202)
     def cancel_job(job_id: Annotated[int, PathParam(ge=1, le=2**62)], svc: Svc, _: Writer) -> schemas.Job:
@@ -410,7 +410,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
 
     def job_out(j) -> schemas.Job:
         return schemas.Job(id=j.id, folder=j.folder, state=j.state, done=j.done, total=j.total, indexed=j.indexed,
-                           failed=j.failed, error=j.error)
+                           failed=j.failed, error=j.error, duplicates=j.duplicates)
 
     @app.get("/index/jobs/{job_id}", response_model=schemas.Job)
     def job(job_id: Annotated[int, PathParam(ge=1, le=2**62)], svc: Svc) -> schemas.Job:

@@ -76,8 +76,10 @@ def _index(args: argparse.Namespace, pool) -> int:
 
     model, resolution, recorded = args.model, args.resolution, None
     idx = Path(args.index).expanduser()
+    since = 1  # the first photo id this run can allocate (ids are given in order): --check-duplicates looks at those
     if idx.is_dir() and current_snapshot(idx) is not None:  # an existing index keeps its model, resolution, precision
         m = Snapshot.open(idx).manifest
+        since = m.next_id
         model, recorded = model or m.model, m.precision
         if resolution is not None and resolution != m.resolution:
             raise DinosearchError(f"{idx} was built at {m.resolution}px; --resolution {resolution} needs a new --index")
@@ -133,7 +135,22 @@ def _index(args: argparse.Namespace, pool) -> int:
         print(f"  skipped {shown(path)}: {reason}")
     if len(stats.failures) > 20:
         print(f"  ... and {len(stats.failures) - 20} more (see `dinosearch info {idx} --failed`)")
+    if args.check_duplicates:
+        _report_added_duplicates(idx, since)
     return 0
+
+
+def _report_added_duplicates(idx: Path, since: int) -> None:
+    """The photos this run added that duplicate another indexed photo (their candidates only, no full pass)."""
+    from search import Engine
+    from search.duplicates import added_links
+
+    links, photos = added_links(Engine(idx), since)
+    new = {i for lk in links for i in (lk.a, lk.b) if i >= since}
+    print(f"{len(new)} new photo(s) duplicate indexed ones" + (":" if links else ""))
+    for lk in links:
+        t = f", {lk.match.transform}" if lk.match and lk.match.transform != "none" else ""  # lk.b > lk.a: b is new
+        print(f"  {lk.kind} ({lk.score:.2f}{t}): {shown(photos[lk.b].path)} ~ {shown(photos[lk.a].path)}")
 
 
 def _engine(args: argparse.Namespace):
@@ -550,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "photos must be at the same path on every node")
     q.add_argument("--num-workers", type=_at_least(1), default=2, help="with --ray: embedding actors, one model each (default 2)")
     q.add_argument("--ray-cpus", type=int, default=None, help="with --ray local: CPUs of the local cluster (default all)")
+    q.add_argument("--check-duplicates", action="store_true",
+                   help="after the run, list the photos it added that duplicate indexed ones (their candidates only)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_index)
 

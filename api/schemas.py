@@ -75,6 +75,14 @@ class Stats(BaseModel):
 class JobRequest(BaseModel):
     folder: str = Field(min_length=1, max_length=4096,  # PATH_MAX
                         description="absolute path of a folder on the server's disk to index (recursively)")
+    check_duplicates: bool = Field(False, description="when done, list the photos the job added that duplicate indexed ones")
+
+
+class JobDuplicate(BaseModel):
+    id: int = Field(description="a photo the job added")
+    duplicate_of: int = Field(description="the indexed photo it duplicates (or another the job added)")
+    kind: str
+    score: float
 
 
 class Job(BaseModel):
@@ -86,6 +94,7 @@ class Job(BaseModel):
     indexed: int = 0
     failed: int = 0
     error: str | None = None
+    duplicates: list[JobDuplicate] = Field(default_factory=list, description="with check_duplicates, once done")
 
 
 class Deleted(BaseModel):

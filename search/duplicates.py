@@ -584,6 +584,20 @@ def duplicates_of(engine, photo_id: int, config: DuplicateConfig = DuplicateConf
     return sorted(links, key=lambda lk: (KINDS.index(lk.kind), -lk.score))
 
 
+def added_links(engine, since_id: int, config: DuplicateConfig = DuplicateConfig()) -> tuple[list[Link], dict[int, Photo]]:
+    """Verified links of the photos added since ``since_id`` (ids are allocated in order) to any indexed photo:
+    what `index --check-duplicates` reports at add time, at the cost of those photos' candidates only."""
+    new = [i for (i,) in engine.db.execute("SELECT id FROM photos WHERE status='indexed' AND id >= ? ORDER BY id", (int(since_id),))]
+    if not new:
+        return [], {}
+    links, photos = find_links(engine, config, only=new)
+    fresh = set(new)
+    links = [lk for lk in links if lk.a in fresh or lk.b in fresh]
+    if config.kind is not None:
+        links = [lk for lk in links if lk.kind == config.kind]
+    return sorted(links, key=lambda lk: (max(lk.a, lk.b), KINDS.index(lk.kind), -lk.score)), photos
+
+
 # ---------------------------------------------------------------- moving the copies away (and back)
 
 @dataclass

@@ -248,3 +248,57 @@ def test_bench_scale_stage_runs(tmp_path):
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "recall of planted pairs 1.000" in p.stdout
+
+
+def test_index_check_duplicates_flags_only_what_was_added(tmp_path, tiny_model, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    src = sample_photos(1)[:8]
+    for p in src:
+        shutil.copy(p, photos / p.name)
+    idx = tmp_path / "idx"
+    flags = ["--index", str(idx), "--model", str(tiny_model), "--device", "cpu", "--workers", "0", "-q"]
+    assert main(["index", str(photos), *flags, "--check-duplicates"]) == 0
+    assert "0 new photo(s) duplicate indexed ones" in capsys.readouterr().out
+    make_family(photos / "later", src[2])
+    Image.open(src[5]).convert("RGB").save(photos / "later" / "resaved.png")
+    assert main(["index", str(photos), *flags, "--check-duplicates"]) == 0
+    out = capsys.readouterr().out
+    assert "7 new photo(s) duplicate indexed ones" in out, out
+    assert f"exact (1.00): {photos / 'later' / 'copy.jpg'} ~ {photos / src[2].name}" in out
+    assert "mirror" in out and src[5].name in out
+
+
+def test_api_job_checks_duplicates(tmp_path, tiny_model, embedder):
+    import time
+
+    from conftest import local_client
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    src = sample_photos(1)[:6]
+    for p in src:
+        shutil.copy(p, photos / p.name)
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, CFG)
+    later = tmp_path / "later"
+    later.mkdir()
+    shutil.copy(src[3], later / "again.jpg")
+    token = "t0ken-for-the-tests-0123456789"
+    settings = Settings(index=idx, token=token, model=str(tiny_model), device="cpu", workers=0)
+    with local_client(create_app(settings)) as client:
+        r = client.post("/index/jobs", json={"folder": str(later), "check_duplicates": True},
+                        headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 202, r.text
+        for _ in range(600):
+            job = client.get(f"/index/jobs/{r.json()['id']}").json()
+            if job["state"] not in ("queued", "running"):
+                break
+            time.sleep(0.1)
+        assert job["state"] == "done", job
+        ids = by_path(Engine(idx))
+        assert job["duplicates"] == [{"id": ids[str(later / "again.jpg")], "duplicate_of": ids[str(photos / src[3].name)],
+                                      "kind": "exact", "score": 1.0}]
