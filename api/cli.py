@@ -451,8 +451,8 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
             print(f"moved back {shown(src)} -> {shown(dst)}")
         for path, reason in rep.errors:
             print(f"  not moved back {shown(path)}: {reason}")
-        print(f"{len(rep.moved)} moved back, {len(rep.errors)} not; re-run `dinosearch index FOLDER --index {args.index}` "
-              f"so the index sees them again")
+        print(f"{len(rep.moved)} moved back, {len(rep.errors)} not (if `dinosearch index` ran since the move, run it again "
+              f"on the folder so the index has them back)")
         return 0 if not rep.errors else 1
     if args.apply and not args.move_to:
         raise DinosearchError("--apply moves files only with --move-to DIR")
@@ -680,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--csv", action="store_true", help="print as CSV, one row per photo")
     q.add_argument("--move-to", default=None, metavar="DIR", help="move every copy but the kept one into DIR (a dry run without --apply)")
     q.add_argument("--apply", action="store_true", help="with --move-to: really move (never over a file), writing a manifest")
-    q.add_argument("--undo", default=None, metavar="MANIFEST", help="move the files of a --move-to manifest back")
+    q.add_argument("--undo", default=None, metavar="MANIFEST", help="move the files of a --move-to manifest back (or of the newest manifest in a --move-to DIR)")
     q.set_defaults(func=cmd_duplicates)
 
     q = sub.add_parser("info", help="what an index holds", description="Model, counts, sizes, index kinds and failed files of an index.")

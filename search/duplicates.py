@@ -678,7 +678,14 @@ def move_copies(groups: list[Group], dest: str | os.PathLike, *, apply: bool = F
 
 
 def undo_moves(manifest: str | os.PathLike) -> MoveReport:
-    """Move the files of a move manifest back where they were (never over a file now at that name)."""
+    """Move the files of a move manifest back where they were (never over a file now at that name).
+    ``manifest`` may be the --move-to folder: its newest manifest is undone."""
+    folder = Path(manifest).expanduser()
+    if folder.is_dir():
+        found = sorted(folder.glob("dinosearch-moves-*.jsonl"), key=lambda p: p.stat().st_mtime_ns)
+        if not found:
+            raise MoveError(f"{folder} holds no dinosearch-moves-*.jsonl manifest to undo")
+        manifest = found[-1]
     rep = MoveReport(manifest=str(manifest))
     try:
         lines = Path(manifest).expanduser().read_text().splitlines()
