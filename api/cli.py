@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -447,6 +448,10 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
 
     if args.undo:
         rep = undo_moves(args.undo)
+        if args.json:
+            print(json.dumps({"manifest": rep.manifest, "moved": [{"from": shown(a), "to": shown(b)} for a, b in rep.moved],
+                              "errors": [{"path": shown(a), "reason": r} for a, r in rep.errors]}, indent=1))
+            return 0 if not rep.errors else 1
         for src, dst in rep.moved:
             print(f"moved back {shown(src)} -> {shown(dst)}")
         for path, reason in rep.errors:
@@ -497,16 +502,17 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
                       f"{shown(p.path)}{gone}")
     if rep is not None and not args.json:
         verb = "moved" if args.apply else "would move"
+        say = functools.partial(print, file=sys.stderr if args.csv else sys.stdout)  # the CSV stays CSV
         for src, dst in rep.moved:
-            print(f"{verb} {shown(src)} -> {shown(dst)}")
+            say(f"{verb} {shown(src)} -> {shown(dst)}")
         for path, reason in rep.errors:
-            print(f"  not moved {shown(path)}: {reason}")
+            say(f"  not moved {shown(path)}: {reason}")
         if args.apply:
-            print(f"{len(rep.moved)} moved, {len(rep.errors)} not; manifest {rep.manifest} "
+            say(f"{len(rep.moved)} moved, {len(rep.errors)} not; manifest {rep.manifest} "
                   f"(undo: dinosearch duplicates {args.index} --undo {rep.manifest}); "
                   f"re-run `dinosearch index FOLDER --index {args.index}` so the index forgets the moved files")
         else:
-            print(f"dry run: {len(rep.moved)} would move; nothing moved (add --apply)")
+            say(f"dry run: {len(rep.moved)} would move; nothing moved (add --apply)")
     return 0
 
 

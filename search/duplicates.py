@@ -81,13 +81,12 @@ def candidate_pairs(index: faiss.Index, ids: np.ndarray, xb: np.ndarray, k: int,
     if not len(ids) or index.ntotal < 2:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.nprobe = min(ivf.nlist, nprobe)
-    kk = min(k + 1, int(index.ntotal))
+    params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe)) if ivf is not None else None  # the index's own
+    kk = min(k + 1, int(index.ntotal))  # nprobe (what searches use) is left as it is
     out_p, out_d = [], []
     for s in range(0, len(ids), batch):
         xq = np.ascontiguousarray(xb[s:s + batch], dtype=np.float32)
-        D, I = index.search(xq, kk)
+        D, I = index.search(xq, kk, params=params)
         q = np.repeat(ids[s:s + batch], kk)
         I, D = I.ravel(), D.ravel()
         ok = (I >= 0) & (I != q) & (D >= min_cosine)

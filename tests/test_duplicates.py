@@ -302,3 +302,33 @@ def test_api_job_checks_duplicates(tmp_path, tiny_model, embedder):
         ids = by_path(Engine(idx))
         assert job["duplicates"] == [{"id": ids[str(later / "again.jpg")], "duplicate_of": ids[str(photos / src[3].name)],
                                       "kind": "exact", "score": 1.0}]
+
+
+def test_ivf_global_index_and_parseable_outputs(tmp_path, embedder, capsys):
+    import csv
+    import io
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    src = sample_photos(1)[:10]
+    for p in src:
+        shutil.copy(p, photos / p.name)
+    Image.open(src[4]).convert("RGB").save(photos / "same.png")
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, IndexConfig(batch_size=16, workers=0, progress=False, global_kind="IVF4,Flat"))
+    e = Engine(idx)
+    ivf = faiss.try_extract_index_ivf(e.global_index)
+    assert ivf is not None
+    before = ivf.nprobe
+    groups = find_duplicates(e, DuplicateConfig(nprobe=4))  # every list probed: the pair cannot be missed
+    assert ivf.nprobe == before  # the searches' own setting is left alone
+    assert [(g.kind, sorted(os.path.basename(m.photo.path) for m in g.members)) for g in groups] == [
+        ("exact", sorted([src[4].name, "same.png"]))]
+    assert main(["duplicates", str(idx), "--csv", "--move-to", str(tmp_path / "out")]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))  # the dry run's lines went to stderr
+    assert len(rows) == 2 and {r["kind"] for r in rows} == {"exact"}
+    assert main(["duplicates", str(idx), "--json", "--move-to", str(tmp_path / "out"), "--apply"]) == 0
+    moved = json.loads(capsys.readouterr().out)["moves"]
+    assert len(moved["moved"]) == 1 and moved["applied"]
+    assert main(["duplicates", str(idx), "--undo", str(tmp_path / "out"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["moved"]) == 1
