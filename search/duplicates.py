@@ -475,7 +475,8 @@ def group_links(links: list[Link]) -> list[list[int]]:
     return sorted((sorted(m) for m in members.values() if len(m) > 1), key=lambda m: m[0])
 
 
-def find_links(engine, config: DuplicateConfig = DuplicateConfig(), *, only: list[int] | None = None) -> tuple[list[Link], dict[int, Photo]]:
+def find_links(engine, config: DuplicateConfig = DuplicateConfig(), *, only: list[int] | None = None,
+               finder: _Finder | None = None) -> tuple[list[Link], dict[int, Photo]]:
     """Verified links between indexed photos (``only``: the links of these photos, to any indexed photo)."""
     from indexer.store import reconstruct_all
 
@@ -508,7 +509,7 @@ def find_links(engine, config: DuplicateConfig = DuplicateConfig(), *, only: lis
         pairs, cos = pairs[first], cos[first]
     involved = sorted(set(pairs.ravel().tolist()))
     photos = load_photos(db, involved)
-    finder = _Finder(engine, config)
+    finder = finder or _Finder(engine, config)
     links: list[Link] = []
     for s in range(0, len(pairs), 256):  # patch grids decoded for a block of pairs at a time
         block = pairs[s:s + 256]
@@ -521,15 +522,15 @@ def find_links(engine, config: DuplicateConfig = DuplicateConfig(), *, only: lis
                 lk = finder.link(photos[a], photos[b], xp[a], xp[b], c)
                 if lk is not None:
                     links.append(lk)
-    engine._dup_finder = finder
     return links, photos
 
 
-def build_groups(engine, links: list[Link], photos: dict[int, Photo], config: DuplicateConfig) -> list[Group]:
+def build_groups(engine, links: list[Link], photos: dict[int, Photo], config: DuplicateConfig,
+                 finder: _Finder | None = None) -> list[Group]:
     """Groups from links: kind, keeper and each member's verified relation to the keeper."""
     by_pair = {(min(lk.a, lk.b), max(lk.a, lk.b)): lk for lk in links}
     grid = engine.manifest.grid
-    finder = getattr(engine, "_dup_finder", None) or _Finder(engine, config)
+    finder = finder or _Finder(engine, config)
     groups = []
     for ids in group_links(links):
         ps = [photos[i] for i in ids]
@@ -543,7 +544,7 @@ def build_groups(engine, links: list[Link], photos: dict[int, Photo], config: Du
                 continue
             lk = by_pair.get((min(p.id, ref), max(p.id, ref)))
             if lk is None:  # linked through other members: verify against the keeper directly for score and box
-                lk = finder.link(photos[ref], p, xp[ref], xp[p.id], float(xp[ref].mean(0) @ xp[p.id].mean(0)))
+                lk = finder.link(photos[ref], p, xp[ref], xp[p.id], float("nan"))  # (no global cosine: not a candidate)
             m = lk.match if lk is not None else None
             box = None
             if m is not None:
@@ -566,8 +567,9 @@ def build_groups(engine, links: list[Link], photos: dict[int, Photo], config: Du
 
 def find_duplicates(engine, config: DuplicateConfig = DuplicateConfig()) -> list[Group]:
     """Every group of duplicates / same-shot / similar photos in the index (an empty list for 0 or 1 photo)."""
-    links, photos = find_links(engine, config)
-    return build_groups(engine, links, photos, config)
+    finder = _Finder(engine, config)  # pixel digests shared by both stages
+    links, photos = find_links(engine, config, finder=finder)
+    return build_groups(engine, links, photos, config, finder)
 
 
 def duplicates_of(engine, photo_id: int, config: DuplicateConfig = DuplicateConfig()) -> list[Link]:
