@@ -332,3 +332,15 @@ def test_ivf_global_index_and_parseable_outputs(tmp_path, embedder, capsys):
     assert len(moved["moved"]) == 1 and moved["applied"]
     assert main(["duplicates", str(idx), "--undo", str(tmp_path / "out"), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["moved"]) == 1
+
+
+def test_a_chain_of_similar_links_cannot_merge_everything():
+    from search.duplicates import Link, group_links
+
+    chain = [Link(i, i + 1, "similar", 0.5 - i / 100, None, 0.9) for i in range(1, 10)]  # 1~2~3~...~10, each only to the next
+    groups = group_links(chain)
+    assert all(len(g) == 2 for g in groups) and len(groups) == 5  # pairs, never one group of ten
+    edits = [Link(i, i + 1, "edited", 0.7, None, 0.9) for i in range(1, 10)]  # an edit of an edit is the same shot
+    assert group_links(edits) == [list(range(1, 11))]
+    tri = [Link(1, 2, "similar", 0.5, None, 0.9), Link(2, 3, "similar", 0.45, None, 0.9), Link(1, 3, "similar", 0.4, None, 0.9)]
+    assert group_links(tri) == [[1, 2, 3]]  # every cross pair linked: one burst
