@@ -327,7 +327,7 @@ def test_ivf_global_index_and_parseable_outputs(tmp_path, embedder, capsys):
     assert main(["duplicates", str(idx), "--csv", "--move-to", str(tmp_path / "out")]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))  # the dry run's lines went to stderr
     assert len(rows) == 2 and {r["kind"] for r in rows} == {"exact"}
-    assert main(["duplicates", str(idx), "--json", "--move-to", str(tmp_path / "out"), "--apply"]) == 0
+    assert main(["duplicates", str(idx), "--json", "--csv", "--move-to", str(tmp_path / "out"), "--apply"]) == 0
     moved = json.loads(capsys.readouterr().out)["moves"]
     assert len(moved["moved"]) == 1 and moved["applied"]
     assert main(["duplicates", str(idx), "--undo", str(tmp_path / "out"), "--json"]) == 0
