@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from api import schemas
+from api.duplicate_routes import router as duplicates_router
 from api.files import PhotoGone, read_indexed
 from api.service import (
     BadFolder,
@@ -50,6 +51,7 @@ from indexer.errors import (
 )
 from indexer.reader import open_photo
 from search import Hit, UnknownPhoto
+from search.duplicates import BadDuplicateQuery, MoveError
 from search.region import BadRegion
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def shown(path: str) -> str:
 # Error types -> HTTP status, first match wins (subclasses before their bases); never by message text.
 STATUS: list[tuple[type[DinosearchError], int]] = [
     (UnknownPhoto, 404), (UnknownJob, 404), (PhotoGone, 410),
-    (BadRegion, 422), (BadFolder, 422), (FolderForbidden, 403),
+    (BadRegion, 422), (BadFolder, 422), (FolderForbidden, 403), (BadDuplicateQuery, 422), (MoveError, 422),
     (ModelMismatch, 409), (IndexBusy, 409), (JobFinished, 409),
     (ImageTooLarge, 413), (NotAnImage, 415), (DecodeError, 400),
     (Busy, 503), (IndexFormatError, 503),  # NotReady is an IndexFormatError
@@ -398,7 +400,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     def add_folder(req: schemas.JobRequest, svc: Svc, _: Writer) -> schemas.Job:
         """Index (or update) a folder of the server's disk in the background; searches go on meanwhile.
         The folder must be absolute, an existing directory, and below --allowed-root if the server has any."""
-        return job_out(svc.submit(check_folder(req.folder, settings.allowed_roots)))
+        return job_out(svc.submit(check_folder(req.folder, settings.allowed_roots), check_duplicates=req.check_duplicates))
 
     @app.delete("/index/jobs/{job_id}", response_model=schemas.Job, status_code=202)
     def cancel_job(job_id: Annotated[int, PathParam(ge=1, le=2**62)], svc: Svc, _: Writer) -> schemas.Job:
@@ -408,7 +410,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
 
     def job_out(j) -> schemas.Job:
         return schemas.Job(id=j.id, folder=j.folder, state=j.state, done=j.done, total=j.total, indexed=j.indexed,
-                           failed=j.failed, error=j.error)
+                           failed=j.failed, error=j.error, duplicates=j.duplicates)
 
     @app.get("/index/jobs/{job_id}", response_model=schemas.Job)
     def job(job_id: Annotated[int, PathParam(ge=1, le=2**62)], svc: Svc) -> schemas.Job:
@@ -421,6 +423,8 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     def jobs(svc: Svc) -> list[schemas.Job]:
         """All index jobs of this server process."""
         return [job_out(j) for j in svc.jobs.values()]
+
+    app.include_router(duplicates_router)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

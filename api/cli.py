@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -32,6 +33,7 @@ EPILOG = """examples:
   dinosearch index /shared/photos --index ~/photos.idx --ray local --num-workers 2
   dinosearch build-index ~/photos.idx --memory 8GB
   dinosearch index ~/Photos --index ~/photos.idx --store milvus://milvus-host:19530/photos
+  dinosearch duplicates ~/photos.idx --kind edited
   dinosearch info ~/photos.idx
 """
 
@@ -75,8 +77,10 @@ def _index(args: argparse.Namespace, pool) -> int:
 
     model, resolution, recorded = args.model, args.resolution, None
     idx = Path(args.index).expanduser()
+    since = 1  # the first photo id this run can allocate (ids are given in order): --check-duplicates looks at those
     if idx.is_dir() and current_snapshot(idx) is not None:  # an existing index keeps its model, resolution, precision
         m = Snapshot.open(idx).manifest
+        since = m.next_id
         model, recorded = model or m.model, m.precision
         if resolution is not None and resolution != m.resolution:
             raise DinosearchError(f"{idx} was built at {m.resolution}px; --resolution {resolution} needs a new --index")
@@ -132,7 +136,22 @@ def _index(args: argparse.Namespace, pool) -> int:
         print(f"  skipped {shown(path)}: {reason}")
     if len(stats.failures) > 20:
         print(f"  ... and {len(stats.failures) - 20} more (see `dinosearch info {idx} --failed`)")
+    if args.check_duplicates:
+        _report_added_duplicates(idx, since)
     return 0
+
+
+def _report_added_duplicates(idx: Path, since: int) -> None:
+    """The photos this run added that duplicate another indexed photo (their candidates only, no full pass)."""
+    from search import Engine
+    from search.duplicates import added_links
+
+    links, photos = added_links(Engine(idx), since)
+    new = {i for lk in links for i in (lk.a, lk.b) if i >= since}
+    print(f"{len(new)} new photo(s) duplicate indexed ones" + (":" if links else ""))
+    for lk in links:
+        t = f", {lk.match.transform}" if lk.match and lk.match.transform != "none" else ""  # lk.b > lk.a: b is new
+        print(f"  {lk.kind} ({lk.score:.2f}{t}): {shown(photos[lk.b].path)} ~ {shown(photos[lk.a].path)}")
 
 
 def _engine(args: argparse.Namespace):
@@ -412,6 +431,91 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if r.ok else 1
 
 
+def _unit(text: str) -> float:
+    """An argparse type: a number between 0 and 1."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text}")
+    return v
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    from search import Engine, EngineConfig
+    from search.duplicates import DuplicateConfig, find_duplicates, move_copies, undo_moves
+
+    if args.undo:
+        rep = undo_moves(args.undo)
+        if args.json:
+            print(json.dumps({"manifest": rep.manifest, "moved": [{"from": shown(a), "to": shown(b)} for a, b in rep.moved],
+                              "errors": [{"path": shown(a), "reason": r} for a, r in rep.errors]}, indent=1))
+            return 0 if not rep.errors else 1
+        for src, dst in rep.moved:
+            print(f"moved back {shown(src)} -> {shown(dst)}")
+        for path, reason in rep.errors:
+            print(f"  not moved back {shown(path)}: {reason}")
+        print(f"{len(rep.moved)} moved back, {len(rep.errors)} not (if `dinosearch index` ran since the move, run it again "
+              f"on the folder so the index has them back)")
+        return 0 if not rep.errors else 1
+    if args.apply and not args.move_to:
+        raise DinosearchError("--apply moves files only with --move-to DIR")
+    cfg = DuplicateConfig(k=args.k, min_cosine=args.min_cosine, threshold=args.threshold, nprobe=args.nprobe, kind=args.kind)
+    engine = Engine(args.index, EngineConfig(nprobe=args.nprobe))
+    groups = find_duplicates(engine, cfg)
+    rep = move_copies(groups, args.move_to, apply=args.apply) if args.move_to else None
+    if args.json:
+        out = {"groups": [g.to_dict() for g in groups]}
+        if rep is not None:
+            out["moves"] = {"applied": args.apply, "manifest": rep.manifest,
+                            "moved": [{"from": shown(a), "to": shown(b)} for a, b in rep.moved],
+                            "errors": [{"path": shown(a), "reason": r} for a, r in rep.errors]}
+        for g in out["groups"]:
+            for p in g["photos"]:
+                p["path"] = shown(p["path"])
+        print(json.dumps(out, indent=1))
+    elif args.csv:
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(["group", "kind", "keep", "id", "path", "width", "height", "bytes", "score", "relation", "transform",
+                    "x0", "y0", "x1", "y1", "present"])
+        for n, g in enumerate(groups, 1):
+            for m in g.members:
+                p = m.photo
+                w.writerow([n, g.kind, int(p.id == g.keep), p.id, shown(p.path), p.width, p.height, p.bytes,
+                            f"{m.score:.4f}", m.relation, m.transform or "", *(m.box or ("",) * 4), int(p.present)])
+    else:
+        if not groups:
+            print(f"no duplicates in {args.index} ({len(engine)} photos)")
+        for n, g in enumerate(groups, 1):
+            why = "; ".join(g.reasons)
+            print(f"group {n}: {g.kind}, {len(g.members)} photos, keep {g.keep if g.keep is not None else 'none'} ({why})")
+            for m in g.members:
+                p = m.photo
+                mark = "keep" if p.id == g.keep else m.relation
+                extra = f" {m.transform}" if m.transform not in (None, "none") else ""
+                box = ",".join(map(str, m.box)) if m.box else "-"
+                gone = "" if p.present else "  [gone or changed since indexing]"
+                print(f"  {mark:8} {p.id:6} {p.width}x{p.height} {_human(p.bytes):>9} score {m.score:.2f} box {box}{extra}  "
+                      f"{shown(p.path)}{gone}")
+    if rep is not None and not args.json:
+        verb = "moved" if args.apply else "would move"
+        say = functools.partial(print, file=sys.stderr if args.csv else sys.stdout)  # the CSV stays CSV
+        for src, dst in rep.moved:
+            say(f"{verb} {shown(src)} -> {shown(dst)}")
+        for path, reason in rep.errors:
+            say(f"  not moved {shown(path)}: {reason}")
+        if args.apply:
+            say(f"{len(rep.moved)} moved, {len(rep.errors)} not; manifest {rep.manifest} "
+                  f"(undo: dinosearch duplicates {args.index} --undo {rep.manifest}); "
+                  f"re-run `dinosearch index FOLDER --index {args.index}` so the index forgets the moved files")
+        else:
+            say(f"dry run: {len(rep.moved)} would move; nothing moved (add --apply)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from indexer.runner import default_workers
 
@@ -469,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "photos must be at the same path on every node")
     q.add_argument("--num-workers", type=_at_least(1), default=2, help="with --ray: embedding actors, one model each (default 2)")
     q.add_argument("--ray-cpus", type=int, default=None, help="with --ray local: CPUs of the local cluster (default all)")
+    q.add_argument("--check-duplicates", action="store_true",
+                   help="after the run, list the photos it added that duplicate indexed ones (their candidates only)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_index)
 
@@ -561,6 +667,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--repair", action="store_true", help="fix what is safe to fix")
     q.add_argument("--json", action="store_true", help="print as JSON")
     q.set_defaults(func=cmd_verify)
+
+    q = sub.add_parser("duplicates", help="groups of exact copies, edited copies (same shot) and similar shots",
+                       description="Find duplicate groups: candidates from the global index, verified on patch grids "
+                                   "(crops, resizes, flips and 90-degree rotations), each group with its kind and the "
+                                   "photo to keep. Nothing is deleted; --move-to moves the other copies (dry run "
+                                   "unless --apply), with a manifest for --undo.")
+    q.add_argument("index", help="index directory")
+    q.add_argument("--kind", choices=["exact", "edited", "similar"], default=None, help="only groups of this kind")
+    q.add_argument("--threshold", type=_unit, default=0.3,
+                   help="verified score (share of the overlap whose patches agree) a pair needs to be linked (default 0.3; "
+                        "edited from 0.6)")
+    q.add_argument("-k", type=_at_least(1), default=16, help="neighbours per photo from the global index (default 16)")
+    q.add_argument("--min-cosine", type=_unit, default=0.5, help="global cosine floor of a candidate pair (default 0.5)")
+    q.add_argument("--nprobe", type=_at_least(1), default=64, help="IVF lists searched per photo, for IVF global indexes (default 64)")
+    q.add_argument("--json", action="store_true", help="print as JSON (wins over --csv; move reports included)")
+    q.add_argument("--csv", action="store_true", help="print as CSV, one row per photo")
+    q.add_argument("--move-to", default=None, metavar="DIR", help="move every copy but the kept one into DIR (a dry run without --apply)")
+    q.add_argument("--apply", action="store_true", help="with --move-to: really move (never over a file), writing a manifest")
+    q.add_argument("--undo", default=None, metavar="MANIFEST", help="move the files of a --move-to manifest back (or of the newest manifest in a --move-to DIR)")
+    q.set_defaults(func=cmd_duplicates)
 
     q = sub.add_parser("info", help="what an index holds", description="Model, counts, sizes, index kinds and failed files of an index.")
     q.add_argument("index", help="index directory")

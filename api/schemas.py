@@ -75,6 +75,14 @@ class Stats(BaseModel):
 class JobRequest(BaseModel):
     folder: str = Field(min_length=1, max_length=4096,  # PATH_MAX
                         description="absolute path of a folder on the server's disk to index (recursively)")
+    check_duplicates: bool = Field(False, description="when done, list the photos the job added that duplicate indexed ones")
+
+
+class JobDuplicate(BaseModel):
+    id: int = Field(description="a photo the job added")
+    duplicate_of: int = Field(description="the indexed photo it duplicates (or another the job added)")
+    kind: str
+    score: float
 
 
 class Job(BaseModel):
@@ -86,6 +94,7 @@ class Job(BaseModel):
     indexed: int = 0
     failed: int = 0
     error: str | None = None
+    duplicates: list[JobDuplicate] = Field(default_factory=list, description="with check_duplicates, once done")
 
 
 class Deleted(BaseModel):
@@ -96,3 +105,47 @@ class Deleted(BaseModel):
 class LabelCount(BaseModel):
     label: str
     photos: int
+
+
+class DuplicatePhoto(BaseModel):
+    id: int
+    path: str = Field(description="the file's name (the id addresses the photo)")
+    width: int
+    height: int
+    bytes: int
+    score: float = Field(description="verified score against the kept photo: share of the overlap whose patches agree")
+    box: list[int] | None = Field(None, description="x0, y0, x1, y1 of the overlap with the kept photo, in this photo's pixels")
+    relation: str = Field(description="keep, exact, edited, similar, or linked (only through other members)")
+    transform: str | None = Field(None, description="grid symmetry to the kept photo: none, mirror, rotate 90, ...")
+    present: bool = Field(description="the file is still where it was indexed, with the same size")
+
+
+class DuplicateGroup(BaseModel):
+    kind: str = Field(description="exact, edited or similar")
+    keep: int | None = Field(description="the photo to keep (None when no file of the group is still on disk)")
+    reasons: list[str]
+    photos: list[DuplicatePhoto]
+
+
+class DuplicatesPage(BaseModel):
+    total: int = Field(description="groups matching the filters")
+    offset: int
+    limit: int
+    groups: list[DuplicateGroup]
+
+
+class PhotoDuplicate(BaseModel):
+    id: int
+    path: str
+    width: int
+    height: int
+    bytes: int
+    kind: str
+    score: float
+    transform: str | None = None
+    box: list[int] | None = Field(None, description="the overlap in this (the other) photo's pixels")
+
+
+class PhotoDuplicates(BaseModel):
+    id: int
+    duplicates: list[PhotoDuplicate]

@@ -100,6 +100,8 @@ class JobState:
     indexed: int = 0
     failed: int = 0
     error: str | None = None
+    check_duplicates: bool = False  # when done: list the photos it added that duplicate indexed ones
+    duplicates: list[dict] = field(default_factory=list)  # {id, duplicate_of, kind, score}
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -194,9 +196,9 @@ class Service:
             out["segmenter"] = self.engine.segmenter
         return out
 
-    def submit(self, folder: str) -> JobState:
+    def submit(self, folder: str, *, check_duplicates: bool = False) -> JobState:
         with self._lock:
-            job = JobState(id=len(self.jobs) + 1, folder=folder)
+            job = JobState(id=len(self.jobs) + 1, folder=folder, check_duplicates=check_duplicates)
             self.jobs[job.id] = job
         self._queue.put(job)
         return job
@@ -229,10 +231,15 @@ class Service:
                     raise JobCancelled(f"job {job.id} cancelled after {done} of {total} photos")
 
             try:
+                # ids are allocated in order: the job's photos are those from the next id on
+                since = Snapshot.open(self.settings.index).manifest.next_id if current_snapshot(self.settings.index) else 1
                 cfg = IndexConfig(workers=self.settings.workers, progress=False, commit_every=self.settings.commit_every,
                                   max_pixels=self.settings.max_pixels)
                 stats = index_folder(job.folder, self.settings.index, self.embedder(), cfg,
                                      on_commit=lambda _s: self.refresh(), on_progress=progress, **self._extras())
+                if job.check_duplicates:
+                    self.refresh()
+                    job.duplicates = self._added_duplicates(since)
                 job.indexed, job.failed, job.state = stats.indexed, stats.failed, "done"
             except JobCancelled:
                 job.state = "cancelled"
@@ -242,6 +249,13 @@ class Service:
             finally:
                 job.finished.set()
                 self.refresh()
+
+    def _added_duplicates(self, since: int) -> list[dict]:
+        """Photos a job added (ids from ``since``) that duplicate indexed ones: their candidates only, no full pass."""
+        from search.duplicates import added_links
+
+        links, _ = added_links(self.engine, since)
+        return [{"id": lk.b, "duplicate_of": lk.a, "kind": lk.kind, "score": round(lk.score, 4)} for lk in links]
 
     def delete(self, photo_id: int) -> bool:
         engine = self.engine
