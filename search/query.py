@@ -160,6 +160,14 @@ def parse_example(text: str) -> Example:
     return Example(photo_source(text), box=box)
 
 
+def parse_id_example(text: str) -> Example:
+    """An HTTP example: an indexed photo id, with @X0,Y0,X1,Y1 for a region of it (never a path)."""
+    src, _, box = str(text).partition("@")
+    if not _ID.fullmatch(src):
+        raise BadQuery(f"expected an indexed photo id, optionally with @x0,y0,x1,y1, got {text!r}")
+    return Example(photo_source(src), box=parse_box(box) if box else None)
+
+
 def photo_source(text: str) -> str | int:
     """Only digits: an indexed photo id; anything else: a path, which must be a file."""
     if _ID.fullmatch(text):

@@ -3,6 +3,7 @@ index of real photos (and real copies of them) with real EXIF."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -168,3 +169,66 @@ def test_parsers_and_query_checks(tmp_path, monkeypatch):
     with pytest.raises(BadQuery):
         Example(1, box=(0, 0, 1, 1), part=1)
     assert great_circle_km(np.array([48.8566]), np.array([2.3522]), 51.5074, -0.1278)[0] == pytest.approx(343.5, abs=1)
+
+
+@pytest.fixture
+def described_app(described, tiny_model):
+    from conftest import local_client
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    engine, photos, made = described
+    settings = Settings(index=engine.root, model=str(tiny_model), device="cpu", workers=0)
+    with local_client(create_app(settings)) as client:
+        yield client, engine, photos, made
+
+
+def test_http_feedback_filters_and_browse(described_app):
+    client, engine, photos, made = described_app
+    ids = {os.path.basename(p.path): p.photo_id for p in engine.browse(limit=100)[1]}
+    leica = sorted(ids[m] for m in made[:3])
+    r = client.get(f"/photos/{ids[made[3]]}/similar", params={"k": 3, "camera": "LEICA"})
+    assert r.status_code == 200, r.text
+    assert sorted(h["id"] for h in r.json()["results"]) == leica and r.json()["mode"] == "global"
+    r = client.get(f"/photos/{leica[0]}/similar", params={"k": 5, "like": [str(leica[1]), f"{leica[2]}@0,0,60,60"],
+                                                          "unlike": [str(ids[made[3]])], "near": "48.8566,2.3522,10"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["mode"] == "feedback" and sorted(h["id"] for h in body["results"]) == leica
+    with open(photos / "trip" / made[0], "rb") as f:
+        data = f.read()
+    r = client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")},
+                    params={"k": 10, "taken_after": "2021-01-01", "folder": str(photos / "trip"), "unlike": [str(leica[0])]})
+    assert r.status_code == 200, r.text
+    assert {h["id"] for h in r.json()["results"]} == {ids[m] for m in made[3:]}
+    page = client.get("/photos", params={"sort": "taken", "order": "desc", "limit": 2, "offset": 1, "camera": "canon"}).json()
+    assert page["total"] == 3 and [p["taken"] for p in page["photos"]] == ["2021-09-11T12:00:00", "2021-09-10T12:00:00"]
+    assert page["photos"][0]["make"] == "Canon" and page["photos"][0]["lat"] == pytest.approx(40.6892, abs=1e-4)
+    assert client.get("/photos", params={"limit": 5}).json()["total"] == 48
+    for bad in ({"sort": "size"}, {"near": "1,2"}, {"taken_after": "yesterday"}, {"limit": -1}):
+        r = client.get("/photos", params=bad)
+        assert r.status_code == 422 and "detail" in r.json(), (bad, r.text)
+    for bad in ({"like": "../etc/passwd"}, {"like": "5@1,2"}, {"unlike": "x"}):
+        r = client.get(f"/photos/{leica[0]}/similar", params=bad)
+        assert r.status_code == 422, (bad, r.text)
+    assert client.get(f"/photos/{leica[0]}/similar", params={"like": "999999"}).status_code == 404
+
+
+def test_cli_like_unlike_filters_and_ls(described, tiny_model):
+    from test_cli import run
+
+    engine, photos, made = described
+    idx = str(engine.root)
+    ids = {os.path.basename(p.path): p.photo_id for p in engine.browse(limit=100)[1]}
+    trip = photos / "trip"
+    hits = json.loads(run("search", idx, str(trip / made[0]), "--like", str(ids[made[1]]), "--like", f"{trip / made[2]}@0,0,50,50",
+                          "--unlike", str(ids[made[3]]), "--camera", "leica", "--near", "48.8566,2.3522,10",
+                          "-k", "5", "--json").stdout)
+    assert sorted(h["id"] for h in hits) == sorted(ids[m] for m in made[:3])
+    out = json.loads(run("ls", idx, "--camera", "canon", "--sort", "taken", "--order", "desc", "--json").stdout)
+    assert out["total"] == 3 and [p["model"] for p in out["photos"]] == ["EOS R6", "EOS R5", "EOS R5"]
+    text = run("ls", idx, "--folder", str(trip), "--taken-before", "2020-01-01")
+    assert len(text.stdout.splitlines()) == 3 and "Leica M11" in text.stdout and "of 3 photos" in text.stderr
+    bad = run("search", idx, "5", "--id", "--like", "nope.jpg", check=False)
+    assert bad.returncode == 2 and "a number alone is a photo id" in bad.stderr and "Traceback" not in bad.stderr
