@@ -129,6 +129,19 @@ class EngineConfig:
 Query = str | os.PathLike | bytes | int
 
 
+def only_ids(index: faiss.Index, ids: np.ndarray) -> faiss.SearchParameters:
+    """Search parameters that restrict ``index`` to ``ids`` (an IVF index takes its own parameter type, which must
+    carry its nprobe: SearchParametersIVF's default of 1 would replace the index's)."""
+    sel = faiss.IDSelectorBatch(np.ascontiguousarray(ids, np.int64))
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and isinstance(index, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
+    else:
+        params = faiss.SearchParameters(sel=sel)
+    params.keep_alive = sel  # the SWIG object must outlive the search
+    return params
+
+
 class Engine:
     """Read-only search over the live snapshot of ``index_dir``; ``refresh()`` picks up new commits."""
 
@@ -474,7 +487,7 @@ class Engine:
         params = None
         if allowed is not None:
             lo = np.fromiter(allowed, np.int64) * MAX_OBJECTS
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch((lo[:, None] + np.arange(MAX_OBJECTS)).ravel()))
+            params = only_ids(index, (lo[:, None] + np.arange(MAX_OBJECTS)).ravel())
         kk = min(n, max(8 * k, 64))
         while True:  # widen until k distinct photos are found (a photo may hold many similar objects)
             if self.vectors is not None:
@@ -550,7 +563,7 @@ class Engine:
                 if allowed is not None:  # inside the search: every patch found belongs to a photo the filter passes
                     g2 = grid * grid
                     pid = np.fromiter(allowed, np.int64)
-                    params = faiss.SearchParameters(sel=faiss.IDSelectorBatch((pid[:, None] * g2 + np.arange(g2)).ravel()))
+                    params = only_ids(self.patch_index, (pid[:, None] * g2 + np.arange(g2)).ravel())
                 with self._lock:
                     D, I = self.patch_index.search(xq, min(patch_k, self.patch_index.ntotal), params=params)
             valid = (I >= 0).ravel()
@@ -565,6 +578,9 @@ class Engine:
             uphoto, inv = np.unique(photo[first], return_inverse=True)
             approx = np.bincount(inv, weights=d[first])  # sum over query patches of their best match
             cand = uphoto[np.lexsort((uphoto, -approx))][:n_cand].astype(np.int64)
+            if allowed is not None and len(cand) < min(k, len(allowed)):  # the probe missed photos the filter passes:
+                rest = np.setdiff1d(np.fromiter(allowed, np.int64), cand)  # scored exactly too, up to the candidate count
+                cand = np.concatenate([cand, np.sort(rest)[: n_cand - len(cand)]])
         if len(cand) == 0:
             return []
         xp = self.photo_patches(cand)
@@ -660,12 +676,17 @@ class Engine:
         if allowed is not None:
             if not allowed:
                 return []
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.fromiter(allowed, np.int64)))
+            params = only_ids(self.global_index, np.fromiter(allowed, np.int64))
         with self._lock:
             D, I = self.global_index.search(xq, kk, params=params)
         ids = I[0][I[0] >= 0]
         scores = D[0][: len(ids)]
-        if not exact and len(ids):  # re-rank the candidates on their stored vectors
+        if allowed is not None and len(ids) < min(k, len(allowed)):  # an IVF probe missed photos the filter passes:
+            ids = np.array(sorted(allowed), np.int64)  # score every one of them exactly, so k that exist are returned
+            scores = self.global_vectors(ids) @ xq[0]
+            order = np.argsort(-scores, kind="stable")
+            ids, scores = ids[order], scores[order]
+        elif not exact and len(ids):  # re-rank the candidates on their stored vectors
             xb = np.stack([self.global_index.reconstruct(int(i)) for i in ids])
             scores = xb @ xq[0]
             order = np.argsort(-scores, kind="stable")

@@ -232,3 +232,18 @@ def test_cli_like_unlike_filters_and_ls(described, tiny_model):
     assert len(text.stdout.splitlines()) == 3 and "Leica M11" in text.stdout and "of 3 photos" in text.stderr
     bad = run("search", idx, "5", "--id", "--like", "nope.jpg", check=False)
     assert bad.returncode == 2 and "a number alone is a photo id" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_filters_return_k_on_ivf_kinds_whose_probe_misses(described, embedder, tmp_path):
+    """IVF kinds visit nprobe lists only: the filtered photos may lie in lists the probe skips; k still come back."""
+    from search import EngineConfig
+
+    engine, photos, made = described
+    idx = tmp_path / "ivf"
+    index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False, global_kind="IVF8,Flat", patch_kind="IVF8,SQ8"))
+    ivf = Engine(idx, EngineConfig(nprobe=1), embedder=embedder)
+    assert ivf.manifest.global_kind.startswith("IVF") and ivf.manifest.patch_kind.startswith("IVF")
+    for f in sorted(photos.rglob("*.jpg"))[:6]:
+        for box in (None, (0, 0, 60, 60)):
+            r = ivf.search(SearchQuery((Example(str(f), box=box),), filters=Filters(camera="leica"), k=3))
+            assert set(names(r.hits)) == set(made[:3]), (f.name, box, names(r.hits))
