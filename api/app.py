@@ -15,8 +15,9 @@ import logging
 import os
 import socket
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Header, HTTPException, Query, Request, UploadFile
@@ -50,8 +51,9 @@ from indexer.errors import (
     NotAnImage,
 )
 from indexer.reader import open_photo
-from search import Hit, UnknownPhoto
+from search import Example, Filters, Hit, SearchQuery, UnknownPhoto
 from search.duplicates import BadDuplicateQuery, MoveError
+from search.query import parse_box, parse_date, parse_id_example, parse_near, parse_point
 from search.region import BadRegion
 
 log = logging.getLogger(__name__)
@@ -215,15 +217,6 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
 
     Writer = Annotated[None, Depends(require_token)]
 
-    def parse_box(box: str | None) -> tuple[float, float, float, float] | None:
-        if box is None or box == "":
-            return None
-        try:
-            x0, y0, x1, y1 = (float(v) for v in box.split(","))
-        except ValueError:
-            raise BadRegion(f"box must be x0,y0,x1,y1 in pixels of the query photo, got {box!r}") from None
-        return x0, y0, x1, y1
-
     async def read_upload(request: Request, image: UploadFile) -> tuple[bytes, tuple[int, int]]:
         """The uploaded bytes and the photo's oriented size, after its header passed the pixel limits."""
         data = await image.read(settings.max_upload_bytes + 1)
@@ -247,53 +240,47 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
             object_id=h.object_id, mask=h.mask,
         ) for h in hits]
 
-    def parse_point(point: str | None) -> tuple[float, float] | None:
-        if point is None or point == "":
-            return None
-        try:
-            x, y = (float(v) for v in point.split(","))
-        except ValueError:
-            raise BadRegion(f"point must be x,y in pixels of the query photo, got {point!r}") from None
-        return x, y
-
-    def run_search(svc: Service, query, k: int, box: str | None, part: int | None, parts_k: int,
-                   label: str | None = None, objects: bool = False, point: str | None = None,
-                   query_size: tuple[int, int] | None = None) -> schemas.SearchResponse:
+    def run_search(svc: Service, first: Example, k: int, like: list[str], unlike: list[str],
+                   filters: Filters) -> schemas.SearchResponse:
+        """Build the typed query (search.query) and let the Engine plan and answer it."""
         engine = svc.engine
-        b, pt = parse_box(box), parse_point(point)
-        if b is not None and part is not None:
-            raise BadRegion("give a box or a part, not both")
-        if objects or pt is not None:
-            if part is not None:
-                raise BadRegion("object search takes a point or a box, not a part")
-            if isinstance(query, int) and (pt is not None or b is not None):  # SAM decodes the photo: its checked bytes
-                query = read_indexed(engine.db, query)[0]
-            qo = engine.query_object(query, point=pt, box=b)
-            hits = engine.objects_by_vector(qo.vector, k, allowed=engine._allowed(None, label))
+        if first.is_object and isinstance(first.source, int) and (first.point is not None or first.box is not None):
+            first = replace(first, source=read_indexed(engine.db, first.source)[0])  # SAM decodes it: the checked bytes
+        q = SearchQuery((first, *map(parse_id_example, like)), unlike=tuple(map(parse_id_example, unlike)),
+                        filters=filters, k=k)
+        r = engine.search(q)
+        qo = None
+        if r.query_object is not None:
             from indexer.objects import rle_encode
 
-            return schemas.SearchResponse(
-                mode="objects", query_size=list(qo.size), grid=engine.manifest.grid, results=results(svc, hits),
-                query_object=schemas.QueryObject(box=list(qo.box), mask=rle_encode(qo.mask.mask) if qo.mask is not None else None))
-        if part is not None:
-            if not 0 <= part < parts_k:
-                raise BadRegion(f"part must be between 0 and {parts_k - 1}")
-            parts = engine.parts(query, parts_k)
-            hits, size, mode = engine.region(query, k, mask=parts.labels == part, label=label), parts.size, "region"
-        elif b is not None:
-            hits, mode, size = engine.region(query, k, box=b, label=label), "region", None
-        else:
-            hits, mode, size = engine.similar(query, k, label=label), "global", None
-        if size is None:
-            size = (engine.photo_size([query])[int(query)] if isinstance(query, int)
-                    else query_size or open_photo(query, draft_size=64)[1])
-        return schemas.SearchResponse(mode=mode, query_size=list(size), grid=engine.manifest.grid, results=results(svc, hits))
+            m = r.query_object.mask
+            qo = schemas.QueryObject(box=list(r.query_object.box), mask=rle_encode(m.mask) if m is not None else None)
+        return schemas.SearchResponse(mode=r.mode, query_size=list(r.query_size), grid=engine.manifest.grid,
+                                      results=results(svc, r.hits), query_object=qo)
+
+    def example(source, box: str | None, part: int | None, parts_k: int, objects: bool, point: str | None,
+                size: tuple[int, int] | None = None) -> Example:
+        return Example(source, box=parse_box(box), part=part, parts_k=parts_k, objects=objects, point=parse_point(point),
+                       size=size)
+
+    def filter_params(label: Annotated[str | None, Query(max_length=200, description="only photos with this class tag")] = None,
+                      taken_after: Annotated[str | None, Query(max_length=40, description="only photos taken on or after this date (YYYY-MM-DD[THH:MM:SS])")] = None,
+                      taken_before: Annotated[str | None, Query(max_length=40, description="only photos taken before this date")] = None,
+                      camera: Annotated[str | None, Query(max_length=200, description="camera make or model contains this (any case)")] = None,
+                      near: Annotated[str | None, Query(max_length=100, description="LAT,LON,KM: taken within KM km (great-circle)")] = None,
+                      folder: Annotated[str | None, Query(max_length=4096, description="only photos in this folder or below it")] = None,
+                      ) -> Filters:
+        return Filters(label=label, taken_after=parse_date(taken_after), taken_before=parse_date(taken_before),
+                       camera=camera, near=parse_near(near), folder=folder)
+
+    FilterParams = Annotated[Filters, Depends(filter_params)]
+    Like = Annotated[list[str], Query(max_length=64, description="also like these indexed photos (repeatable): ID or ID@x0,y0,x1,y1")]
+    Unlike = Annotated[list[str], Query(max_length=64, description="not like these indexed photos (repeatable): ID or ID@x0,y0,x1,y1")]
 
     K = Annotated[int, Query(ge=1, le=settings.max_k, description="number of results")]
     Box = Annotated[str | None, Query(description="region search: x0,y0,x1,y1 in pixels of the query photo")]
     Part = Annotated[int | None, Query(ge=0, description="region search: this part of the query photo")]
     PartsK = Annotated[int, Query(ge=2, le=16, description="how many parts the photo is split into")]
-    Label = Annotated[str | None, Query(max_length=200, description="only photos with this class tag")]
     Objects = Annotated[bool, Query(description="object search: the query's main object (or SAM's mask for box/point) "
                                                 "against every indexed object")]
     Point = Annotated[str | None, Query(description="object search: x,y of a click in the query photo (SAM point prompt)")]
@@ -316,20 +303,34 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
 
     @app.post("/search", response_model=schemas.SearchResponse)
     async def search_upload(request: Request, svc: Svc, image: Annotated[UploadFile, File(description="the query photo")],
-                            k: K = 10, box: Box = None, part: Part = None, parts_k: PartsK = 5,
-                            label: Label = None, objects: Objects = False, point: Point = None) -> schemas.SearchResponse:
+                            filters: FilterParams, k: K = 10, box: Box = None, part: Part = None, parts_k: PartsK = 5,
+                            objects: Objects = False, point: Point = None, like: Like = [],  # noqa: B006 (FastAPI copies it)
+                            unlike: Unlike = []) -> schemas.SearchResponse:  # noqa: B006
         """Photos like an uploaded photo (global), containing a region of it (box or part), or holding an object
-        like one of its objects (objects / point), with where."""
+        like one of its objects (objects / point), with where; like/unlike add indexed examples (relevance feedback)."""
         data, size = await read_upload(request, image)
-        return await run_in_threadpool(decoded_upload, svc, run_search, svc, data, k, box, part, parts_k, label,
-                                       objects, point, size)
+        first = example(data, box, part, parts_k, objects, point, size)
+        return await run_in_threadpool(decoded_upload, svc, run_search, svc, first, k, like, unlike, filters)
 
     @app.get("/photos/{photo_id}/similar", response_model=schemas.SearchResponse)
-    def search_by_id(photo_id: PhotoId, svc: Svc, k: K = 10, box: Box = None, part: Part = None,
-                     parts_k: PartsK = 5, label: Label = None, objects: Objects = False,
-                     point: Point = None) -> schemas.SearchResponse:
-        """Photos like an indexed photo, containing a region of it, or holding one of its objects."""
-        return run_search(svc, photo_id, k, box, part, parts_k, label, objects, point)
+    def search_by_id(photo_id: PhotoId, svc: Svc, filters: FilterParams, k: K = 10, box: Box = None, part: Part = None,
+                     parts_k: PartsK = 5, objects: Objects = False, point: Point = None,
+                     like: Like = [], unlike: Unlike = []) -> schemas.SearchResponse:  # noqa: B006
+        """Photos like an indexed photo, containing a region of it, or holding one of its objects; like/unlike add
+        indexed examples (relevance feedback)."""
+        return run_search(svc, example(photo_id, box, part, parts_k, objects, point), k, like, unlike, filters)
+
+    @app.get("/photos", response_model=schemas.PhotoPage)
+    def browse(svc: Svc, filters: FilterParams,
+               sort: Annotated[Literal["taken", "added", "path"], Query(description="taken (undated last), added or path")] = "taken",
+               order: Annotated[Literal["asc", "desc"], Query()] = "asc",
+               offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+               limit: Annotated[int, Query(ge=0, le=1000)] = 100) -> schemas.PhotoPage:
+        """A page of the indexed photos with their date, camera and place, sorted and filtered, without a query."""
+        total, page = svc.engine.browse(filters, sort=sort, order=order, offset=offset, limit=limit)
+        return schemas.PhotoPage(total=total, offset=offset, photos=[schemas.PhotoOut(
+            id=p.photo_id, path=shown(p.path), width=p.width, height=p.height, taken=p.taken, taken_source=p.taken_source,
+            make=p.make, model=p.model, lat=p.lat, lon=p.lon) for p in page])
 
     @app.get("/photos/{photo_id}/objects", response_model=list[schemas.ObjectOut])
     def objects_of(photo_id: PhotoId, svc: Svc) -> list[schemas.ObjectOut]:

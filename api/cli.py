@@ -187,49 +187,40 @@ def _at_least(low: int):
     return parse
 
 
-def _box(text: str) -> tuple[float, float, float, float]:
-    try:
-        x0, y0, x1, y1 = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected x0,y0,x1,y1 in pixels of the query photo, got {text!r}") from None
-    return x0, y0, x1, y1
+def _parsed(parse):
+    """An argparse type from one of search.query's parsers (the HTTP API parses with the same functions)."""
+    def convert(text: str):
+        from search.query import BadQuery
+
+        try:
+            return parse(text)
+        except BadQuery as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
 
 
-def _point(text: str) -> tuple[float, float]:
-    try:
-        x, y = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected x,y in pixels of the query photo, got {text!r}") from None
-    return x, y
+def _filters(args: argparse.Namespace):
+    from search.query import Filters, parse_date
+
+    return Filters(label=args.label, taken_after=parse_date(args.taken_after), taken_before=parse_date(args.taken_before),
+                   camera=args.camera, near=args.near, folder=args.folder)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     import numpy as np
 
-    engine = _engine(args)
-    query = _query(args)
-    region = args.box is not None or args.mask is not None or args.part is not None
-    if sum(x is not None for x in (args.box, args.mask, args.part)) > 1:
-        raise DinosearchError("give one of --box, --mask, --part")
-    objects = args.objects or args.point is not None
-    if objects and (args.mask is not None or args.part is not None):
-        raise DinosearchError("object search takes --point or --box, not --mask or --part")
-    if objects:
-        hits = engine.objects(query, args.k, point=args.point, box=args.box, label=args.label)
-    elif not region:
-        hits = engine.similar(query, args.k, label=args.label)
-    else:
-        mask = None
-        if args.mask is not None:
-            from search.draw import load_photo
+    from search.query import Example, SearchQuery
 
-            mask = np.asarray(load_photo(args.mask).convert("L"))
-        elif args.part is not None:
-            parts = engine.parts(query, args.parts_k)
-            if not 0 <= args.part < args.parts_k:
-                raise DinosearchError(f"--part must be between 0 and {args.parts_k - 1} (the photo has --parts-k {args.parts_k} parts)")
-            mask = parts.labels == args.part
-        hits = engine.region(query, args.k, box=args.box, mask=mask, label=args.label)
+    engine = _engine(args)
+    mask = None
+    if args.mask is not None:
+        from search.draw import load_photo
+
+        mask = np.asarray(load_photo(args.mask).convert("L"))
+    first = Example(_query(args), box=args.box, mask=mask, part=args.part, parts_k=args.parts_k,
+                    objects=args.objects, point=args.point)
+    q = SearchQuery((first, *args.like), unlike=tuple(args.unlike), filters=_filters(args), k=args.k)
+    hits = engine.search(q).hits
     if args.json:  # one hit per line: an object's RLE mask stays on its line
         rows = [{"id": h.photo_id, "path": shown(h.path), "score": round(h.score, 6)} | ({"box": list(h.box)} if h.box else {})
                 | ({"object": h.object_id, "mask": h.mask} if h.object_id is not None else {}) for h in hits]
@@ -251,6 +242,28 @@ def cmd_search(args: argparse.Namespace) -> int:
                 img = draw_box(img, h.box)
             img.save(out / f"{rank:03d}_{Path(h.path).stem}.jpg", quality=90)
         print(f"drew {len(hits)} results in {out}", file=sys.stderr if args.json else sys.stdout)  # --json: stdout is JSON only
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from search import Engine
+
+    total, page = Engine(args.index).browse(_filters(args), sort=args.sort, order=args.order, offset=args.offset,
+                                            limit=args.limit)
+    if args.json:  # one photo per line
+        rows = [{"id": p.photo_id, "path": shown(p.path), "width": p.width, "height": p.height, "taken": p.taken,
+                 "taken_source": p.taken_source, "make": p.make, "model": p.model, "lat": p.lat, "lon": p.lon} for p in page]
+        lines = ",\n".join(json.dumps(r) for r in rows)
+        print(f'{{"total": {total}, "photos": [' + (f"\n{lines}\n" if rows else "") + "]}")
+        return 0
+    for p in page:
+        camera = " ".join(v for v in (p.make, p.model) if v) or "-"
+        where = f"{p.lat:.5f},{p.lon:.5f}" if p.lat is not None else "-"
+        taken = (p.taken or "-") + ("*" if p.taken_source == "mtime" else "")
+        print(f"{p.photo_id:6d}  {taken:<20} {camera:<24} {where:<20} {shown(p.path)}")
+    shown_to = args.offset + len(page)
+    print(f"{args.offset + 1 if page else 0}-{shown_to} of {total} photos" + (" (* date from the file's mtime)" if any(
+        p.taken_source == "mtime" for p in page) else ""), file=sys.stderr)
     return 0
 
 
@@ -518,6 +531,7 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from indexer.runner import default_workers
+    from search.query import parse_box, parse_example, parse_near, parse_point
 
     p = argparse.ArgumentParser(
         prog="dinosearch", description="Image similarity search on DINOv2 features.",
@@ -532,6 +546,15 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="auto: bf16/fp16 on GPU, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; "
                             "an index keeps the precision it was created with")
+
+    def filter_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--label", default=None, help="only photos with this class tag (see `dinosearch info`)")
+        q.add_argument("--taken-after", default=None, metavar="DATE", help="only photos taken on or after DATE (YYYY-MM-DD[THH:MM:SS])")
+        q.add_argument("--taken-before", default=None, metavar="DATE", help="only photos taken before DATE")
+        q.add_argument("--camera", default=None, metavar="TEXT", help="only photos whose camera make or model contains TEXT (any case)")
+        q.add_argument("--near", type=_parsed(parse_near), default=None, metavar="LAT,LON,KM",
+                       help="only photos taken within KM kilometres of LAT,LON (great-circle; photos without GPS never pass)")
+        q.add_argument("--folder", default=None, metavar="DIR", help="only photos in DIR or below it")
 
     def query_flags(q: argparse.ArgumentParser) -> None:
         model_flags(q, "default: the model that built the index")
@@ -586,18 +609,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("query", help="query photo (path), or a photo id with --id")
     q.add_argument("-k", type=_at_least(1), default=10, help="number of results (default 10)")
     q.add_argument("--id", action="store_true", help="QUERY is the id of an indexed photo")
-    q.add_argument("--box", type=_box, default=None, metavar="X0,Y0,X1,Y1", help="region search: a box in the query photo's pixels")
+    q.add_argument("--box", type=_parsed(parse_box), default=None, metavar="X0,Y0,X1,Y1", help="region search: a box in the query photo's pixels")
     q.add_argument("--mask", default=None, metavar="IMAGE", help="region search: a mask image the size of the query photo (white = region)")
     q.add_argument("--part", type=int, default=None, help="region search: part N of the query photo (see `dinosearch parts`)")
     q.add_argument("--parts-k", type=_at_least(2), default=5, help="how many parts --part splits the photo into (default 5)")
     q.add_argument("--objects", action="store_true", help="object search: the query's main object (or the SAM mask of --box) "
                    "against every indexed object (index with --objects)")
-    q.add_argument("--point", type=_point, default=None, metavar="X,Y", help="object search: SAM's mask at this click in the query photo")
-    q.add_argument("--label", default=None, help="only photos with this class tag (see `dinosearch info`)")
+    q.add_argument("--point", type=_parsed(parse_point), default=None, metavar="X,Y", help="object search: SAM's mask at this click in the query photo")
+    q.add_argument("--like", type=_parsed(parse_example), action="append", default=[], metavar="PHOTO",
+                   help="also like this photo (repeatable): a path, or an indexed photo id (only digits: 42; ./42 is a file), "
+                        "with @X0,Y0,X1,Y1 for a region of it")
+    q.add_argument("--unlike", type=_parsed(parse_example), action="append", default=[], metavar="PHOTO",
+                   help="not like this photo (repeatable, as --like): photos nearer to it than to every liked one come last")
+    filter_flags(q)
     q.add_argument("--draw", default=None, metavar="DIR", help="save each result with its heat map and match box in DIR")
     q.add_argument("--json", action="store_true", help="print results as JSON")
     query_flags(q)
     q.set_defaults(func=cmd_search)
+
+    q = sub.add_parser("ls", help="list indexed photos with their date, camera and place, filtered and sorted",
+                       description="Page through the indexed photos without a query: sorted by date taken, by when they "
+                                   "were added or by path, with the same filters as search.")
+    q.add_argument("index", help="index directory")
+    filter_flags(q)
+    q.add_argument("--sort", default="taken", choices=["taken", "added", "path"], help="order (default taken; undated photos last)")
+    q.add_argument("--order", default="asc", choices=["asc", "desc"], help="ascending (default) or descending")
+    q.add_argument("--offset", type=_at_least(0), default=0, help="photos to skip (default 0)")
+    q.add_argument("--limit", type=_at_least(0), default=100, help="photos to list (default 100)")
+    q.add_argument("--json", action="store_true", help="print as JSON: {total, photos}")
+    q.set_defaults(func=cmd_ls)
 
     q = sub.add_parser("parts", help="k-means parts of a photo, or recurring parts of the collection",
                        description="Cluster patch features: one photo's parts (a label per patch, drawn with --out), or "

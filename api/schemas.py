@@ -23,11 +23,30 @@ class QueryObject(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    mode: str = Field(description="global, region or objects")
+    mode: str = Field(description="global, region, objects, or feedback (several examples or unlike examples)")
     query_size: list[int] = Field(description="width, height of the query photo")
     grid: int
     query_object: QueryObject | None = None
     results: list[Result]
+
+
+class PhotoOut(BaseModel):
+    id: int
+    path: str
+    width: int | None = None
+    height: int | None = None
+    taken: str | None = Field(None, description="date taken, ISO 8601 in the camera's local time")
+    taken_source: str | None = Field(None, description="DateTimeOriginal, DateTime or mtime (the file's)")
+    make: str | None = None
+    model: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+
+
+class PhotoPage(BaseModel):
+    total: int = Field(description="photos that pass the filters")
+    offset: int
+    photos: list[PhotoOut]
 
 
 class ObjectOut(BaseModel):

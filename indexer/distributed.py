@@ -27,7 +27,7 @@ import numpy as np
 from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import ConfigError
 from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeJob, FileInfo, decode_file
-from indexer.runner import IndexConfig, RunStats, open_writer, sync_catalog
+from indexer.runner import IndexConfig, RunStats, fill_meta, open_writer, sync_catalog
 from indexer.store import Writer
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ def index_folder_ray(
                           "tags_only": False})
         if items:
             _run_pipeline(items, writer, embedder, config, stats, num_workers, on_commit, known, classifier)
+        fill_meta(writer, root, stats)  # Ray tasks send pixels only: new and changed photos' headers are read here
         writer.commit()
         stats.commits += 1
     stats.seconds = time.perf_counter() - t0
@@ -215,6 +216,7 @@ def _run_pipeline(items, writer: Writer, embedder: Embedder, config: IndexConfig
                 keep.append(j)
             if rows:
                 writer.add(rows, batch["cls"][keep], batch["patches"][keep])
+                writer.clear_meta([r[0] for r in rows])  # a changed photo's metadata is read again (fill_meta)
                 stats.indexed += len(rows)
         n = len(batch["id"])
         since += n

@@ -8,10 +8,12 @@ imports torch.
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import hashlib
 import io
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,6 +57,19 @@ class FileInfo:
     mtime_ns: int
 
 
+@dataclass(frozen=True)
+class PhotoMeta:
+    """What a photo's header says about it: when, with what camera, where. Any field may be unknown (None)."""
+
+    taken: str | None = None  # ISO 8601 local time of the camera's clock ("2021-06-30T14:05:09"), no zone
+    taken_source: str | None = None  # "DateTimeOriginal", "DateTime" or "mtime" (the file's, in this machine's zone)
+    make: str | None = None
+    model: str | None = None
+    lat: float | None = None  # degrees, north positive
+    lon: float | None = None  # degrees, east positive
+    orientation: int | None = None  # EXIF orientation 1..8
+
+
 @dataclass
 class Decoded:
     """What a worker sends back for one file: pixels, or the reason it failed."""
@@ -68,6 +83,7 @@ class Decoded:
     pixels: np.ndarray | None = None  # uint8 [res, res, 3]
     large: np.ndarray | None = None  # uint8 [h, w, 3], longest side <= DecodeJob.large_side (for SAM), if asked
     error: str | None = None
+    meta: PhotoMeta | None = None  # EXIF date, camera, GPS (read from the same bytes; never the reason a photo fails)
 
 
 # First bytes of the formats read (for files without an extension); ISO-BMFF brands are checked apart.
@@ -371,6 +387,7 @@ def decode_file(info: FileInfo, job: DecodeJob) -> Decoded:
             out.pixels, out.large, (out.width, out.height) = decode_both(data, job.resolution, job.large_side, job.max_pixels)
         else:
             out.pixels, (out.width, out.height) = decode_bytes(data, job.resolution, job.max_pixels)
+        out.meta = photo_meta(data, info.mtime_ns)
     except DecodeError as e:
         out.error = str(e)
     except FileNotFoundError:
@@ -394,3 +411,92 @@ def load_query(source: str | os.PathLike | bytes, resolution: int, max_pixels: i
     """A query photo (path or bytes) -> pixels exactly as an indexed photo would get."""
     data = source if isinstance(source, bytes) else read_file(Path(source))
     return decode_bytes(data, resolution, max_pixels)
+
+
+# EXIF tags (Pillow's ExifTags numbers): IFD0, the Exif sub-IFD and the GPS sub-IFD.
+_MAKE, _MODEL, _ORIENTATION, _DATETIME = 0x010F, 0x0110, 0x0112, 0x0132
+_EXIF_IFD, _GPS_IFD, _DATETIME_ORIGINAL = 0x8769, 0x8825, 0x9003
+_EXIF_DATE = re.compile(r"\s*(\d{4})[:-](\d{2})[:-](\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
+
+
+def exif_date(value) -> str | None:
+    """An EXIF date ("2021:06:30 14:05:09") -> ISO "2021-06-30T14:05:09"; None for blanks and impossible dates."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    m = _EXIF_DATE.match(str(value)) if value is not None else None
+    if m is None:
+        return None
+    try:
+        return dt.datetime(*map(int, m.groups())).isoformat()
+    except ValueError:  # "0000:00:00 00:00:00", month 13
+        return None
+
+
+def _text(value) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if value is None:
+        return None
+    value = str(value).replace("\x00", "").strip()
+    return value or None
+
+
+def gps_degrees(dms, ref) -> float | None:
+    """EXIF (degrees, minutes, seconds) rationals and an N/S/E/W ref -> signed degrees (S and W negative)."""
+    try:
+        d, m, s = (float(v) for v in dms)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    value = d + m / 60 + s / 3600
+    if not np.isfinite(value):
+        return None
+    ref = _text(ref)
+    return -value if ref is not None and ref[:1].upper() in ("S", "W") else value
+
+
+def photo_meta(data: bytes, mtime_ns: int | None = None) -> PhotoMeta:
+    """Date taken, camera and GPS position from a photo's EXIF (reads only its header, never decodes pixels).
+
+    The date is DateTimeOriginal, else DateTime, else the file's mtime (``mtime_ns``, in this
+    machine's time zone), and says which. Broken or missing EXIF gives unknown fields, never an error."""
+    fields: dict = {}
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if "exif" not in img.info and img.format != "TIFF":  # e.g. a PNG: its getexif() would decode every pixel
+                raise ValueError(f"no EXIF block in the {img.format} header")
+            exif = img.getexif()
+            sub = exif.get_ifd(_EXIF_IFD)
+            gps = exif.get_ifd(_GPS_IFD)
+            for source, value in (("DateTimeOriginal", sub.get(_DATETIME_ORIGINAL)), ("DateTime", exif.get(_DATETIME))):
+                taken = exif_date(value)
+                if taken is not None:
+                    fields.update(taken=taken, taken_source=source)
+                    break
+            fields.update(make=_text(exif.get(_MAKE)), model=_text(exif.get(_MODEL)))
+            o = exif.get(_ORIENTATION)
+            if isinstance(o, int) and 1 <= o <= 8:
+                fields["orientation"] = o
+            lat, lon = gps_degrees(gps.get(2), gps.get(1)), gps_degrees(gps.get(4), gps.get(3))
+            if lat is not None and lon is not None and abs(lat) <= 90 and abs(lon) <= 180:
+                fields.update(lat=lat, lon=lon)
+    except Exception as e:  # a broken header or EXIF block: the photo itself may still decode
+        log.debug("no EXIF: %s", e)
+    if "taken" not in fields and mtime_ns is not None:
+        fields.update(taken=dt.datetime.fromtimestamp(mtime_ns / 1e9).replace(microsecond=0).isoformat(), taken_source="mtime")
+    return PhotoMeta(**fields)
+
+
+META_HEAD_BYTES = 1 << 20  # EXIF sits in a photo's first 64 KiB (JPEG APP1); a RAW or TIFF may put it further
+
+
+def read_meta(path: str | os.PathLike, mtime_ns: int | None = None) -> PhotoMeta:
+    """Metadata of a photo on disk from the head of its file (for indexed photos that have none yet)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return photo_meta(b"", mtime_ns)
+            head = f.read(META_HEAD_BYTES)
+    except OSError:
+        head = b""
+    return photo_meta(head, mtime_ns)

@@ -22,7 +22,16 @@ from indexer.embedder import Embedder
 from indexer.errors import ConfigError
 from indexer.objects import Mask, Segmenter, crop_object, rle_encode
 from indexer.pool import DecodePool, decoded_in_order, start_pool
-from indexer.reader import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeJob, FileInfo, ScanReport, scan
+from indexer.reader import (
+    DEFAULT_DECODE_TIMEOUT,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DecodeJob,
+    FileInfo,
+    ScanReport,
+    read_meta,
+    scan,
+)
 from indexer.store import Manifest, Writer, check_kind
 
 log = logging.getLogger(__name__)
@@ -67,6 +76,7 @@ class RunStats:
     failed: int = 0
     not_images: int = 0  # files the scan passed over: not photos by extension or first bytes (sidecars, videos, text)
     touched: int = 0  # same content, new mtime
+    described: int = 0  # indexed photos given metadata from their header alone (an index from before metadata)
     labelled: int = 0  # photos given class tags
     segmented: int = 0  # photos SAM looked at
     objects: int = 0  # objects stored
@@ -189,6 +199,18 @@ def sync_catalog(root: str, writer: Writer, stats: RunStats) -> tuple[list[FileI
     return files, known
 
 
+def fill_meta(writer: Writer, root: str, stats: RunStats) -> None:
+    """Metadata for photos below ``root`` that were indexed before metadata existed (or by a Ray run):
+    read from the head of each file, never re-embedded. Photos decoded in this run got theirs from the decode."""
+    prefix = root.rstrip(os.sep) + os.sep
+    t = time.perf_counter()
+    for photo_id, (path, mtime_ns) in writer.without_meta().items():
+        if path.startswith(prefix):
+            writer.set_meta(photo_id, path, read_meta(path, mtime_ns))
+            stats.described += 1
+    stats.stage_seconds["metadata"] += time.perf_counter() - t
+
+
 def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_progress, classifier, segmenter, store) -> RunStats:
     from tqdm import tqdm
 
@@ -295,6 +317,8 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
                 if (k[1], k[2]) != (d.size, d.mtime_ns):
                     writer.touch(photo_id, d.size, d.mtime_ns)
                     stats.touched += 1
+                if d.meta is not None:  # the same bytes, but a date that falls back to the mtime may change
+                    writer.set_meta(photo_id, d.path, d.meta)
                 if photo_id in need_labels:
                     tag_ids.append(photo_id)
                     tag_pixels.append(d.pixels)
@@ -305,6 +329,8 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
             else:
                 batch_rows.append((photo_id, d.path, d.size, d.mtime_ns, d.hash, d.width, d.height))
                 batch_pixels.append(d.pixels)
+                if d.meta is not None:
+                    writer.set_meta(photo_id, d.path, d.meta)
                 if segmenter is not None:
                     batch_large.append((photo_id, d.large, d.width, d.height))
                 if len(batch_rows) >= config.batch_size:
@@ -319,6 +345,7 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
             if since_commit >= config.commit_every or time.monotonic() - last_commit >= config.commit_seconds:
                 commit()
         bar.close()
+        fill_meta(writer, root, stats)
         commit()
     stats.seconds = time.perf_counter() - t0
     return stats

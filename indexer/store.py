@@ -39,6 +39,7 @@ from indexer.errors import ConfigError, IndexBusy, IndexFormatError, IndexWriteE
 
 if TYPE_CHECKING:
     from indexer.embedder import Embedder
+    from indexer.reader import PhotoMeta
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,19 @@ CREATE INDEX IF NOT EXISTS objects_photo ON objects(photo_id);
 CREATE TABLE IF NOT EXISTS segmented (      -- photos SAM has looked at (also those where it found nothing)
     photo_id  INTEGER PRIMARY KEY
 );
+CREATE TABLE IF NOT EXISTS meta (           -- what a photo's header says (reader.photo_meta); NULL = unknown
+    photo_id     INTEGER PRIMARY KEY,
+    taken        TEXT,                      -- ISO 8601 local time, no zone: '2021-06-30T14:05:09'
+    taken_source TEXT,                      -- 'DateTimeOriginal', 'DateTime' or 'mtime'
+    make         TEXT,
+    model        TEXT,
+    lat          REAL,                      -- degrees, north positive
+    lon          REAL,                      -- degrees, east positive
+    orientation  INTEGER,                   -- EXIF 1..8
+    folder       BLOB NOT NULL              -- os.fsencode of the photo's folder (absolute)
+);
+CREATE INDEX IF NOT EXISTS meta_taken ON meta(taken);
+CREATE INDEX IF NOT EXISTS meta_folder ON meta(folder);
 """
 
 
@@ -570,6 +584,26 @@ class Writer:
         self.db.execute("INSERT OR REPLACE INTO segmented (photo_id) VALUES (?)", (int(photo_id),))
         self.dirty = True
 
+    # -- metadata
+
+    def set_meta(self, photo_id: int, path: str, meta: PhotoMeta) -> None:
+        """Replace what is known of a photo's date, camera, position (and its folder, from ``path``)."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO meta (photo_id, taken, taken_source, make, model, lat, lon, orientation, folder) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            (int(photo_id), meta.taken, meta.taken_source, meta.make, meta.model, meta.lat, meta.lon, meta.orientation,
+             os.fsencode(os.path.dirname(path))))
+        self.dirty = True
+
+    def clear_meta(self, photo_ids: list[int]) -> None:
+        self.db.executemany("DELETE FROM meta WHERE photo_id=?", [(int(i),) for i in photo_ids])
+        self.dirty = True
+
+    def without_meta(self) -> dict[int, tuple[str, int]]:
+        """Indexed photos with no metadata row yet (an index from before metadata): id -> (path, mtime_ns)."""
+        return {i: (os.fsdecode(p), m) for i, p, m in self.db.execute(
+            "SELECT id, path, mtime_ns FROM photos WHERE status='indexed' AND id NOT IN (SELECT photo_id FROM meta)")}
+
     def unsegmented(self) -> set[int]:
         """Indexed photos SAM has not looked at yet."""
         return {i for (i,) in self.db.execute(
@@ -598,6 +632,7 @@ class Writer:
 
     def record_failure(self, photo_id: int, path: str, size: int, mtime_ns: int, hash_: str | None, error: str) -> None:
         self.db.execute("DELETE FROM labels WHERE photo_id=?", (photo_id,))
+        self.db.execute("DELETE FROM meta WHERE photo_id=?", (photo_id,))
         self._remove_objects([photo_id])
         self._remove_vectors([photo_id])
         self._upsert(photo_id, path, size, mtime_ns, hash_, None, None, "failed", error)
@@ -624,6 +659,7 @@ class Writer:
             self._remove_objects(ids[i:i + 500])
         self.db.executemany("DELETE FROM photos WHERE id=?", [(i,) for i in ids])
         self.db.executemany("DELETE FROM labels WHERE photo_id=?", [(i,) for i in ids])
+        self.db.executemany("DELETE FROM meta WHERE photo_id=?", [(i,) for i in ids])
         self.dirty = True
 
     # -- vectors

@@ -1,5 +1,7 @@
 """Index on disk -> answers (the read side of dinosearch)."""
 
-from search.engine import Engine, EngineConfig, Hit, UnknownLabel, UnknownPhoto
+from search.engine import Engine, EngineConfig, Hit, PhotoInfo, SearchResult, UnknownLabel, UnknownPhoto
+from search.query import BadQuery, Example, Filters, SearchQuery
 
-__all__ = ["Engine", "EngineConfig", "Hit", "UnknownLabel", "UnknownPhoto"]
+__all__ = ["BadQuery", "Engine", "EngineConfig", "Example", "Filters", "Hit", "PhotoInfo", "SearchQuery", "SearchResult",
+           "UnknownLabel", "UnknownPhoto"]

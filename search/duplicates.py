@@ -305,24 +305,16 @@ class Photo:
 
 
 def _exif_counts(db: sqlite3.Connection, ids: list[int]) -> dict[int, int]:
-    """Filled EXIF fields per photo, if the catalog has them (a JSON `exif` column or an `exif` table)."""
+    """EXIF fields each photo's header filled (the catalog's `meta` table: a date from EXIF, not the file's
+    mtime; make; model; GPS position; orientation). A catalog from before metadata: {} (the criterion is skipped)."""
     q = ",".join("?" * len(ids))
+    sql = (f"SELECT photo_id, (taken_source IS NOT NULL AND taken_source != 'mtime') + (make IS NOT NULL) + "
+           f"(model IS NOT NULL) + (lat IS NOT NULL AND lon IS NOT NULL) + (orientation IS NOT NULL) "
+           f"FROM meta WHERE photo_id IN ({q})")
     try:
-        cols = {r[1] for r in db.execute("PRAGMA table_info(photos)")}
-        if "exif" in cols:
-            out = {}
-            for i, e in db.execute(f"SELECT id, exif FROM photos WHERE id IN ({q})", ids):
-                try:
-                    out[i] = sum(1 for v in json.loads(e or "{}").values() if v not in (None, ""))
-                except (ValueError, AttributeError):
-                    out[i] = 0
-            return out
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "exif" in tables:
-            return dict(db.execute(f"SELECT photo_id, count(*) FROM exif WHERE photo_id IN ({q}) GROUP BY photo_id", ids).fetchall())
+        return dict(db.execute(sql, ids).fetchall())
     except sqlite3.Error:
-        pass
-    return {}
+        return {}
 
 
 def load_photos(db: sqlite3.Connection, ids: list[int]) -> dict[int, Photo]:

@@ -24,6 +24,7 @@ from indexer.errors import DinosearchError
 from indexer.objects import Mask, Segmenter, SegmenterConfig, crop_object
 from indexer.reader import DEFAULT_MAX_PIXELS, decode_both, load_query, read_file
 from indexer.store import MAX_OBJECTS, Snapshot, current_snapshot, index_ids
+from search.query import BadQuery, Example, Filters, SearchQuery, great_circle_km
 from search.region import BadRegion, box_to_mask, late_interaction, localize, pixel_mask_to_grid
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,36 @@ class CollectionPart:
 
 
 @dataclass(frozen=True)
+class SearchResult:
+    """The answer to a SearchQuery: its mode, hits, and the first example's size (and object, for object search)."""
+
+    mode: str  # "global", "region", "objects" (one example) or "feedback" (several, or negatives)
+    hits: list[Hit]
+    query_size: tuple[int, int]  # (width, height) of the first like example
+    query_object: QueryObject | None = None
+
+
+@dataclass(frozen=True)
+class PhotoInfo:
+    """One catalog row with its metadata (None where the photo's header did not say)."""
+
+    photo_id: int
+    path: str
+    width: int | None
+    height: int | None
+    taken: str | None
+    taken_source: str | None
+    make: str | None
+    model: str | None
+    lat: float | None
+    lon: float | None
+    folder: str | None
+
+
+BROWSE_ORDER = {"taken": "m.taken IS NULL, m.taken", "added": "p.id", "path": "p.path"}
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the model recorded in the manifest
     device: str = "auto"
@@ -96,6 +127,19 @@ class EngineConfig:
 
 
 Query = str | os.PathLike | bytes | int
+
+
+def only_ids(index: faiss.Index, ids: np.ndarray) -> faiss.SearchParameters:
+    """Search parameters that restrict ``index`` to ``ids`` (an IVF index takes its own parameter type, which must
+    carry its nprobe: SearchParametersIVF's default of 1 would replace the index's)."""
+    sel = faiss.IDSelectorBatch(np.ascontiguousarray(ids, np.int64))
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and isinstance(index, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
+    else:
+        params = faiss.SearchParameters(sel=sel)
+    params.keep_alive = sel  # the SWIG object must outlive the search
+    return params
 
 
 class Engine:
@@ -221,15 +265,100 @@ class Engine:
             return allowed
         tagged = self.photos_with_label(label)
         if not tagged:
-            labels = [lab for (lab,) in self._catalog_query("SELECT DISTINCT label FROM labels", [])]
-            if not labels:
-                raise UnknownLabel(f"no photo has class tags, so --label {label!r} matches nothing: "
-                                   f"tag the index with `dinosearch index FOLDER --index {self.root} --classify`")
-            by_lower = {lab.lower(): lab for lab in labels}
-            near = [by_lower[m] for m in difflib.get_close_matches(label.lower(), by_lower, n=5, cutoff=0.5)]
-            near = near or [lab for lab, _ in self.label_counts(5)]
-            raise UnknownLabel(f"no photo is tagged {label!r}; tags near it: {', '.join(near)} (`dinosearch info` lists the common ones)")
+            self._unknown_label(label)
         return tagged if allowed is None else tagged & allowed
+
+    def _unknown_label(self, label: str) -> None:
+        """Raise UnknownLabel for a label no photo carries, naming the tags near it."""
+        labels = [lab for (lab,) in self._catalog_query("SELECT DISTINCT label FROM labels", [])]
+        if not labels:
+            raise UnknownLabel(f"no photo has class tags, so --label {label!r} matches nothing: "
+                               f"tag the index with `dinosearch index FOLDER --index {self.root} --classify`")
+        by_lower = {lab.lower(): lab for lab in labels}
+        near = [by_lower[m] for m in difflib.get_close_matches(label.lower(), by_lower, n=5, cutoff=0.5)]
+        near = near or [lab for lab, _ in self.label_counts(5)]
+        raise UnknownLabel(f"no photo is tagged {label!r}; tags near it: {', '.join(near)} (`dinosearch info` lists the common ones)")
+
+    # -- filters and browsing (the catalog's meta table, filled by the indexer from each photo's header)
+
+    def _filter_sql(self, f: Filters) -> tuple[str, list]:
+        """WHERE clause over photos p LEFT JOIN meta m for every filter but the distance (checked in numpy)."""
+        conds, args = ["p.status = 'indexed'"], []
+        if f.label:
+            if not self.photos_with_label(f.label):
+                self._unknown_label(f.label)
+            conds.append("p.id IN (SELECT photo_id FROM labels WHERE label = ? COLLATE NOCASE)")
+            args.append(f.label)
+        meta = any(v not in (None, "") for v in (f.taken_after, f.taken_before, f.camera, f.near, f.folder))
+        if meta and not self._catalog_query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'", []):
+            raise BadQuery(f"{self.root} was indexed before photo metadata existed: run `dinosearch index FOLDER "
+                           f"--index {self.root}` once (it reads each photo's header, no re-embedding)")
+        if f.taken_after:
+            conds.append("m.taken >= ?")
+            args.append(f.taken_after)
+        if f.taken_before:
+            conds.append("m.taken < ?")
+            args.append(f.taken_before)
+        if f.camera:
+            conds.append("instr(lower(coalesce(m.make, '') || ' ' || coalesce(m.model, '')), lower(?)) > 0")
+            args.append(f.camera)
+        if f.folder:
+            top = os.fsencode(os.path.abspath(os.path.expanduser(f.folder))).rstrip(b"/") or b"/"
+            below = top if top == b"/" else top + b"/"
+            conds.append("(m.folder = ? OR substr(m.folder, 1, ?) = ?)")
+            args += [top, len(below), below]
+        if f.near:
+            lat, _, km = f.near
+            band = km / 111.0 + 0.01  # degrees of latitude the radius can span (1 degree >= 110.5 km)
+            conds.append("m.lat BETWEEN ? AND ? AND m.lon IS NOT NULL")
+            args += [lat - band, lat + band]
+        return " AND ".join(conds), args
+
+    def _near(self, rows: list[tuple], f: Filters, lat_at: int, lon_at: int) -> list[tuple]:
+        if not f.near or not rows:
+            return rows
+        lat, lon, km = f.near
+        d = great_circle_km(np.array([r[lat_at] for r in rows], float), np.array([r[lon_at] for r in rows], float), lat, lon)
+        return [r for r, ok in zip(rows, d <= km) if ok]
+
+    def filter_ids(self, f: Filters) -> set[int] | None:
+        """The indexed photos ``f`` lets through, or None when it filters nothing (every photo)."""
+        if not f.active:
+            return None
+        where, args = self._filter_sql(f)
+        rows = self.db.execute(f"SELECT p.id, m.lat, m.lon FROM photos p LEFT JOIN meta m ON m.photo_id = p.id WHERE {where}",
+                               args).fetchall() if "m." in where else self.db.execute(
+            f"SELECT p.id, NULL, NULL FROM photos p WHERE {where}", args).fetchall()
+        ids = {r[0] for r in self._near(rows, f, 1, 2)}
+        return None if len(ids) >= len(self) else ids  # every photo passes: no selector to build and check
+
+    def browse(self, f: Filters = Filters(), *, sort: str = "taken", order: str = "asc", offset: int = 0,
+               limit: int = 100) -> tuple[int, list[PhotoInfo]]:
+        """A page of the indexed photos ``f`` lets through, without a query: (how many pass, the page).
+        ``sort``: taken (photos without a date last, whatever the order), added (indexing order) or path."""
+        if sort not in BROWSE_ORDER:
+            raise BadQuery(f"sort must be one of {', '.join(BROWSE_ORDER)}, got {sort!r}")
+        if order not in ("asc", "desc"):
+            raise BadQuery(f"order must be asc or desc, got {order!r}")
+        if offset < 0 or limit < 0:
+            raise BadQuery(f"offset and limit must be >= 0, got {offset}, {limit}")
+        where, args = self._filter_sql(f)
+        has_meta = bool(self._catalog_query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'", []))
+        cols = ("m.taken, m.taken_source, m.make, m.model, m.lat, m.lon, m.folder" if has_meta
+                else "NULL, NULL, NULL, NULL, NULL, NULL, NULL")
+        join = "LEFT JOIN meta m ON m.photo_id = p.id" if has_meta else ""
+        keys = BROWSE_ORDER[sort] if has_meta or sort != "taken" else "p.id"
+        direction = "DESC" if order == "desc" else "ASC"
+        by = ", ".join(f"{c} {direction}" if not c.endswith("IS NULL") else c for c in keys.split(", "))
+        sql = f"SELECT p.id, p.path, p.width, p.height, {cols} FROM photos p {join} WHERE {where} ORDER BY {by}, p.id {direction}"
+        if f.near:
+            rows = self._near(self.db.execute(sql, args).fetchall(), f, 8, 9)
+            total, rows = len(rows), rows[offset:offset + limit]
+        else:
+            total = self.db.execute(f"SELECT count(*) FROM photos p {join} WHERE {where}", args).fetchone()[0]
+            rows = self.db.execute(f"{sql} LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+        return total, [PhotoInfo(i, os.fsdecode(p), w, h, *rest[:6], os.fsdecode(rest[6]) if rest[6] is not None else None)
+                       for i, p, w, h, *rest in rows]
 
     def photo_size(self, photo_ids: list[int]) -> dict[int, tuple[int, int]]:
         if not photo_ids:
@@ -358,7 +487,7 @@ class Engine:
         params = None
         if allowed is not None:
             lo = np.fromiter(allowed, np.int64) * MAX_OBJECTS
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch((lo[:, None] + np.arange(MAX_OBJECTS)).ravel()))
+            params = only_ids(index, (lo[:, None] + np.arange(MAX_OBJECTS)).ravel())
         kk = min(n, max(8 * k, 64))
         while True:  # widen until k distinct photos are found (a photo may hold many similar objects)
             if self.vectors is not None:
@@ -430,8 +559,13 @@ class Engine:
             if self.vectors is not None:
                 D, I = self.vectors.search("patches", xq, patch_k, photos=allowed)
             else:
+                params = None
+                if allowed is not None:  # inside the search: every patch found belongs to a photo the filter passes
+                    g2 = grid * grid
+                    pid = np.fromiter(allowed, np.int64)
+                    params = only_ids(self.patch_index, (pid[:, None] * g2 + np.arange(g2)).ravel())
                 with self._lock:
-                    D, I = self.patch_index.search(xq, min(patch_k, self.patch_index.ntotal))
+                    D, I = self.patch_index.search(xq, min(patch_k, self.patch_index.ntotal), params=params)
             valid = (I >= 0).ravel()
             qrow = np.repeat(np.arange(len(xq)), I.shape[1])[valid]
             photo, d = (I.ravel() // (grid * grid))[valid], D.ravel()[valid]
@@ -444,6 +578,9 @@ class Engine:
             uphoto, inv = np.unique(photo[first], return_inverse=True)
             approx = np.bincount(inv, weights=d[first])  # sum over query patches of their best match
             cand = uphoto[np.lexsort((uphoto, -approx))][:n_cand].astype(np.int64)
+            if allowed is not None and len(cand) < min(k, len(allowed)):  # the probe missed photos the filter passes:
+                rest = np.setdiff1d(np.fromiter(allowed, np.int64), cand)  # scored exactly too, up to the candidate count
+                cand = np.concatenate([cand, np.sort(rest)[: n_cand - len(cand)]])
         if len(cand) == 0:
             return []
         xp = self.photo_patches(cand)
@@ -517,7 +654,12 @@ class Engine:
 
     def similar(self, query: Query, k: int = 10, *, allowed: set[int] | None = None, label: str | None = None) -> list[Hit]:
         """Photos most like the query (cosine on CLS), best first; ``allowed`` / ``label`` restrict the candidates."""
-        xq = np.ascontiguousarray(self.embed_query(query)[None], dtype=np.float32)
+        return self.similar_by_vector(self.embed_query(query), k, allowed=allowed, label=label)
+
+    def similar_by_vector(self, v: np.ndarray, k: int = 10, *, allowed: set[int] | None = None,
+                          label: str | None = None) -> list[Hit]:
+        """Global search for one CLS vector [D]."""
+        xq = np.ascontiguousarray(np.asarray(v, np.float32)[None])
         n = len(self)
         if k <= 0 or n == 0:
             return []
@@ -534,12 +676,17 @@ class Engine:
         if allowed is not None:
             if not allowed:
                 return []
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.fromiter(allowed, np.int64)))
+            params = only_ids(self.global_index, np.fromiter(allowed, np.int64))
         with self._lock:
             D, I = self.global_index.search(xq, kk, params=params)
         ids = I[0][I[0] >= 0]
         scores = D[0][: len(ids)]
-        if not exact and len(ids):  # re-rank the candidates on their stored vectors
+        if allowed is not None and len(ids) < min(k, len(allowed)):  # an IVF probe missed photos the filter passes:
+            ids = np.array(sorted(allowed), np.int64)  # score every one of them exactly, so k that exist are returned
+            scores = self.global_vectors(ids) @ xq[0]
+            order = np.argsort(-scores, kind="stable")
+            ids, scores = ids[order], scores[order]
+        elif not exact and len(ids):  # re-rank the candidates on their stored vectors
             xb = np.stack([self.global_index.reconstruct(int(i)) for i in ids])
             scores = xb @ xq[0]
             order = np.argsort(-scores, kind="stable")
@@ -547,3 +694,128 @@ class Engine:
         ids, scores = ids[:k], scores[:k]
         paths = self.path_of(ids.tolist())
         return [Hit(int(i), paths.get(int(i), "?"), float(s)) for i, s in zip(ids, scores)]
+
+    # -- one query model: plan and answer a SearchQuery
+
+    def search(self, q: SearchQuery) -> SearchResult:
+        """Answer a typed query (see search.query): filters first, as the set of photos the vector searches may
+        return (a FAISS ID selector, so a filter never leaves fewer than k hits when k photos pass); then one example
+        alone is the search of its mode, and several, or any negative, is relevance feedback:
+
+            pos(x) = max over like examples e of sim(e, x)     neg(x) = max over unlike examples e of sim(e, x)
+            score(x) = pos(x)                   if pos(x) > neg(x)  (x is nearer to a wanted example)
+                       pos(x) - neg(x) - 2      otherwise           (nearer to an unwanted one: after all others)
+
+        sim is the cosine of CLS vectors for a whole-photo example and late interaction (region search's score)
+        for a region example, both on the cosine scale. A negative draws a boundary (the nearest example decides,
+        as a 1-nearest-neighbour classifier of the user's labels) instead of being subtracted with a weight: a
+        weighted penalty also sinks a wanted example's own copies whenever a negative looks like it, while the
+        boundary keeps each positive's copies at the top (sim 1) and sends each negative's copies below every
+        photo on the wanted side. Candidates are the union of each like example's own nearest photos (max(4k, 64)
+        each, inside the filter), scored exactly.
+        """
+        allowed = self.filter_ids(q.filters)
+        first = q.like[0]
+        if len(q.like) == 1 and not q.unlike:
+            return self._search_one(first, q.k, allowed)
+        pos = [self._scorer(e) for e in q.like]
+        neg = [self._scorer(e) for e in q.unlike]
+        n = len(self)
+        if n == 0 or (allowed is not None and not allowed):
+            return SearchResult("feedback", [], self.example_size(first))
+        kk = min(n, max(4 * q.k, 64))
+        cand = np.unique(np.concatenate([sc.candidates(kk, allowed) for sc in pos]))
+        if len(cand) == 0:
+            return SearchResult("feedback", [], self.example_size(first))
+        p = np.max([sc.score(cand) for sc in pos], axis=0)
+        score = p
+        if neg:
+            m = np.max([sc.score(cand) for sc in neg], axis=0)
+            score = np.where(p > m, p, p - m - 2)
+        order = np.lexsort((cand, -score))[: q.k]
+        ids = cand[order].tolist()
+        paths = self.path_of(ids)
+        hits = [Hit(int(i), paths.get(int(i), "?"), float(score[j])) for i, j in zip(ids, order)]
+        return SearchResult("feedback", hits, self.example_size(first))
+
+    def example_size(self, e: Example) -> tuple[int, int]:
+        """(width, height) of an example photo: the catalog's for an id, else read from its header."""
+        if e.size is not None:
+            return e.size
+        if isinstance(e.source, (int, np.integer)):
+            size = self.photo_size([int(e.source)]).get(int(e.source))
+            if size is None:
+                raise UnknownPhoto(f"photo id {e.source} is not in the index")
+            return size
+        from indexer.reader import open_photo
+
+        data = e.source if isinstance(e.source, bytes) else read_file(Path(e.source))
+        return open_photo(data, draft_size=64, max_pixels=self.config.max_pixels)[1]
+
+    def _region_mask(self, e: Example) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+        """The example's region as a mask (a part is computed here), and the photo's size if it was learnt."""
+        if e.part is not None:
+            parts = self.parts(e.source, e.parts_k)
+            return parts.labels == e.part, parts.size
+        return e.mask, None
+
+    def _search_one(self, e: Example, k: int, allowed: set[int] | None) -> SearchResult:
+        if e.mode == "objects":
+            qo = self.query_object(e.source, point=e.point, box=e.box)
+            return SearchResult("objects", self.objects_by_vector(qo.vector, k, allowed=allowed), qo.size, qo)
+        if e.mode == "region":
+            mask, size = self._region_mask(e)
+            hits = self.region(e.source, k, box=e.box, mask=mask, allowed=allowed)
+            return SearchResult("region", hits, size or self.example_size(e))
+        return SearchResult("global", self.similar(e.source, k, allowed=allowed), self.example_size(e))
+
+    def _scorer(self, e: Example) -> _Scorer:
+        if e.mode == "objects":
+            raise BadQuery("object examples do not mix with like/unlike yet")
+        if e.mode == "global":
+            return _Scorer(self, self.embed_query(e.source), None)
+        mask, _ = self._region_mask(e)
+        patches, size = self.query_patches(e.source)
+        grid = self.manifest.grid
+        if e.box is not None:
+            qmask = box_to_mask(e.box, size, grid)
+        else:
+            m = np.asarray(mask)
+            qmask = m.astype(bool) if m.shape == (grid, grid) else pixel_mask_to_grid(m, grid)
+        return _Scorer(self, None, np.ascontiguousarray(patches[qmask], dtype=np.float32))
+
+    def global_vectors(self, photo_ids: np.ndarray) -> np.ndarray:
+        """Stored CLS vectors [n, D] of indexed photos."""
+        ids = np.asarray(photo_ids, np.int64)
+        try:
+            if self.vectors is not None:
+                return self.vectors.get("global", ids)
+            with self._lock:
+                return np.stack([self.global_index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros(
+                    (0, self.manifest.dim), np.float32)
+        except (RuntimeError, KeyError):
+            raise UnknownPhoto(f"photo ids {sorted(set(ids.tolist()))[:5]} are not all in the index") from None
+
+
+@dataclass
+class _Scorer:
+    """One feedback example: its nearest photos, and its similarity to any photo (cosine, or late interaction)."""
+
+    engine: Engine
+    vector: np.ndarray | None  # [D] whole-photo example
+    patches: np.ndarray | None  # [m, D] region example
+
+    def candidates(self, k: int, allowed: set[int] | None) -> np.ndarray:
+        e = self.engine
+        if self.vector is not None:
+            hits = e.similar_by_vector(self.vector, k, allowed=allowed)
+        else:
+            hits = e.region_by_vectors(self.patches, k, allowed=allowed)
+        return np.array([h.photo_id for h in hits], np.int64)
+
+    def score(self, ids: np.ndarray) -> np.ndarray:
+        e = self.engine
+        if self.vector is not None:
+            return e.global_vectors(ids) @ np.asarray(self.vector, np.float32)
+        xp = e.photo_patches(ids)
+        return np.array([late_interaction(self.patches, xp[j])[0] for j in range(len(ids))], np.float32)

@@ -344,3 +344,21 @@ def test_a_chain_of_similar_links_cannot_merge_everything():
     assert group_links(edits) == [list(range(1, 11))]
     tri = [Link(1, 2, "similar", 0.5, None, 0.9), Link(2, 3, "similar", 0.45, None, 0.9), Link(1, 3, "similar", 0.4, None, 0.9)]
     assert group_links(tri) == [[1, 2, 3]]  # every cross pair linked: one burst
+
+
+def test_keeper_ties_broken_by_the_exif_the_catalog_read(tmp_path, embedder):
+    """Two same-pixel copies: the one whose header carries a date, camera and place is kept (from the catalog's meta)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    src = Image.open(sample_photos(1)[5]).convert("RGB")
+    src.save(folder / "a_plain.png")
+    ex = Image.Exif()
+    ex[0x010F], ex[0x0110], ex[0x0132] = "Leica", "M11", "2023:05:01 10:00:00"
+    src.save(folder / "b_camera.png", exif=ex)
+    os.utime(folder / "b_camera.png", ns=(10**18, 10**18))  # newer on disk: "oldest" would pick the plain one
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, embedder, CFG)
+    groups = find_duplicates(Engine(idx, embedder=embedder))
+    assert len(groups) == 1 and groups[0].kind == "exact"
+    kept = next(m.photo for m in groups[0].members if m.photo.id == groups[0].keep)
+    assert kept.path.endswith("b_camera.png") and kept.exif >= 3 and any("EXIF" in r for r in groups[0].reasons)

@@ -106,6 +106,11 @@ def test_ray_local_cluster_gives_the_single_process_catalog_and_results(photos, 
               "--ray", "local", "--num-workers", "2", "--ray-cpus", "2", "--batch-size", "8").stdout
     assert "48 indexed" in out and "1 failed" in out
     assert catalog_rows(dist) == catalog_rows(one)
+
+    def meta(i):
+        return Snapshot.open(i).catalog().execute("SELECT * FROM meta ORDER BY photo_id").fetchall()
+
+    assert len(meta(dist)) == 48 and meta(dist) == meta(one)  # Ray runs read each new photo's header in the driver
     assert verify(dist).ok
     for q in [q for q in sorted(photos.rglob("*.jpg")) if q.name != "broken.jpg"][::9]:
         a = json.loads(run("search", str(dist), str(q), "-k", "10", "--json").stdout)

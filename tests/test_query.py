@@ -1,0 +1,249 @@
+"""One query model: several examples, negative examples and metadata filters, answered by Engine.search on a real
+index of real photos (and real copies of them) with real EXIF."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_meta import write_exif
+
+from indexer.runner import IndexConfig, index_folder
+from search import BadQuery, Engine, Example, Filters, SearchQuery
+from search.query import great_circle_km, parse_date, parse_example
+
+CFG = IndexConfig(batch_size=16, workers=0, progress=False)
+
+
+def names(hits) -> list[str]:
+    return [os.path.basename(h.path) for h in hits]
+
+
+@pytest.fixture
+def copies(photos, embedder, tmp_path):
+    """48 photos; A and B (positives) and C (negative: the photo most like A) each with two byte copies."""
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, CFG)
+    engine = Engine(idx, embedder=embedder)
+    files = sorted(photos.rglob("*.jpg"))
+    a, b = files[3], files[30]
+    near_a = [h.path for h in engine.similar(str(a), k=5) if h.path not in (str(a), str(b))]
+    c = near_a[0]
+    for src, tag in ((a, "A"), (b, "B"), (c, "C")):
+        for i in (1, 2):
+            shutil.copy(src, photos / f"copy{i}_{tag}.jpg")
+    index_folder(photos, idx, embedder, CFG)
+    engine = Engine(idx, embedder=embedder)
+    return engine, str(a), str(b), c
+
+
+def test_negative_copies_leave_and_positive_copies_stay(copies):
+    engine, a, b, c = copies
+    k = 10
+    plain = names(engine.search(SearchQuery((Example(a),), k=k)).hits)
+    assert {"copy1_C.jpg", "copy2_C.jpg"} <= set(plain)  # without feedback the negative's copies are near A
+    q = SearchQuery((Example(a), Example(b)), unlike=(Example(c),), k=k)
+    r = engine.search(q)
+    got = names(r.hits)
+    assert r.mode == "feedback" and len(got) == k
+    assert not {"copy1_C.jpg", "copy2_C.jpg", os.path.basename(c)} & set(got)
+    positives = {os.path.basename(a), "copy1_A.jpg", "copy2_A.jpg", os.path.basename(b), "copy1_B.jpg", "copy2_B.jpg"}
+    assert set(got[:6]) == positives, got  # each positive's own copies are the top six
+    # the same query by indexed id (numbers are ids) and with the negative as a region of it
+    ids = {h.path: h.photo_id for h in engine.search(SearchQuery((Example(a),), k=len(engine))).hits}
+    by_id = engine.search(SearchQuery((Example(ids[a]), Example(ids[b])), unlike=(Example(ids[c]),), k=k))
+    assert names(by_id.hits) == got
+    w, h = engine.example_size(Example(c))
+    region = engine.search(SearchQuery((Example(a), Example(b)), unlike=(Example(c, box=(0, 0, w, h)),), k=k))
+    assert not {"copy1_C.jpg", "copy2_C.jpg"} & set(names(region.hits))
+
+
+def test_feedback_scores_equal_brute_force(copies):
+    engine, a, b, c = copies
+    allids = np.array(sorted(engine.path_of(list(range(1, 200)))))
+    x = engine.global_vectors(allids)
+    va, vb, vc = (engine.embed_query(p) for p in (a, b, c))
+    pos, neg = np.maximum(x @ va, x @ vb), x @ vc
+    score = np.where(pos > neg, pos, pos - neg - 2)
+    want = allids[np.lexsort((allids, -score))][:8]
+    got = engine.search(SearchQuery((Example(a), Example(b)), unlike=(Example(c),), k=8)).hits
+    assert [h.photo_id for h in got] == want.tolist()
+    # a region example scores by late interaction: its own photo's copies come first
+    w, h = engine.example_size(Example(b))
+    hits = engine.search(SearchQuery((Example(b, box=(0, 0, w / 2, h / 2)), Example(a)), k=6)).hits
+    assert set(names(hits)) == {os.path.basename(a), os.path.basename(b), "copy1_A.jpg", "copy2_A.jpg",
+                                "copy1_B.jpg", "copy2_B.jpg"}
+
+
+@pytest.fixture
+def described(photos, embedder, tmp_path):
+    """The 48 photos, 6 of them rewritten with EXIF: 3 Leica in Paris in 2019, 2 Canon in New York in 2021, 1 Canon
+    without GPS in 2023 (in a folder 'trip')."""
+    files = sorted(photos.rglob("*.jpg"))
+    exif = [("Leica", "M11", "2019:05:01 10:00:00", (48.8584, 2.2945)), ("Leica", "M11", "2019:05:02 10:00:00", (48.8606, 2.3376)),
+            ("Leica", "Q2", "2019:05:03 10:00:00", (48.853, 2.3499)), ("Canon", "EOS R5", "2021:09:10 12:00:00", (40.7484, -73.9857)),
+            ("Canon", "EOS R5", "2021:09:11 12:00:00", (40.6892, -74.0445)), ("Canon", "EOS R6", "2023:01:01 08:00:00", None)]
+    made = []
+    for f, (make, model, taken, gps) in zip(files[-6:], exif):
+        dst = photos / "trip" / f.name
+        write_exif(f, dst, original=taken, make=make, model=model, gps=gps)
+        f.unlink()
+        made.append(dst.name)
+    index_folder(photos, tmp_path / "idx", embedder, CFG)
+    return Engine(tmp_path / "idx", embedder=embedder), photos, made
+
+
+def test_filters_on_metadata(described):
+    engine, photos, made = described
+    q = str(sorted(photos.rglob("*.jpg"))[0])
+
+    def found(**f):
+        return set(names(engine.search(SearchQuery((Example(q),), filters=Filters(**f), k=48)).hits))
+
+    assert found(camera="leica") == set(made[:3])
+    assert found(camera="eos r5") == set(made[3:5])
+    assert found(near=(48.8566, 2.3522, 10)) == set(made[:3])  # central Paris, 10 km
+    assert found(near=(48.8566, 2.3522, 0.1)) == set()
+    assert found(near=(40.7128, -74.0060, 20)) == set(made[3:5])  # New York; the Canon without GPS never passes
+    assert found(taken_after="2019-05-02", taken_before="2021-09-11") == set(made[1:4])
+    assert found(folder=str(photos / "trip")) == set(made)
+    assert found(folder=str(photos / "tri")) == set()  # a prefix of a folder's name is not the folder
+    assert found(folder=str(photos / "trip"), camera="canon", taken_after="2022-01-01") == {made[5]}
+    assert len(found(taken_after="1971-01-01")) == 48  # photos without EXIF are dated by their file's mtime
+    w, h = engine.example_size(Example(q))  # the same filters in region search
+    region = engine.search(SearchQuery((Example(q, box=(0, 0, w / 2, h / 2)),), filters=Filters(camera="leica"), k=10))
+    assert set(names(region.hits)) == set(made[:3]) and region.mode == "region"
+
+
+def test_a_filter_matching_k_far_photos_still_returns_all_k(described):
+    engine, photos, made = described
+    for f in sorted(photos.rglob("*.jpg")):  # queries whose nearest photos are not the filtered ones
+        hits = engine.search(SearchQuery((Example(str(f)),), k=len(engine))).hits
+        far = names(hits)[-5:]
+        if not set(made[:3]) & set(names(hits)[:20]):
+            break
+    for k, box in ((3, None), (3, (0, 0, 60, 60))):
+        r = engine.search(SearchQuery((Example(str(f), box=box),), filters=Filters(camera="Leica"), k=k))
+        assert set(names(r.hits)) == set(made[:3]), (box, names(r.hits))
+    fb = engine.search(SearchQuery((Example(str(f)), Example(str(photos / "trip" / made[5]))), filters=Filters(camera="leica"), k=3))
+    assert set(names(fb.hits)) == set(made[:3])
+    assert far  # (the loop ran)
+
+
+def test_browse_pages_sorted_and_filtered(described):
+    engine, photos, made = described
+    total, page = engine.browse(Filters(camera="canon"), sort="taken", order="desc")
+    assert total == 3 and [p.taken for p in page] == ["2023-01-01T08:00:00", "2021-09-11T12:00:00", "2021-09-10T12:00:00"]
+    assert page[0].make == "Canon" and page[0].lat is None and page[1].lat == pytest.approx(40.6892, abs=1e-4)
+    total, first = engine.browse(sort="path", limit=10)
+    _, second = engine.browse(sort="path", offset=10, limit=10)
+    assert total == 48 and len(first) == len(second) == 10
+    paths = [p.path for p in first + second]
+    assert paths == sorted(paths) and len(set(paths)) == 20
+    total, near = engine.browse(Filters(near=(48.8566, 2.3522, 10)), sort="taken")
+    assert total == 3 and [os.path.basename(p.path) for p in near] == made[:3]
+    with pytest.raises(BadQuery):
+        engine.browse(sort="size")
+
+
+def test_parsers_and_query_checks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "42", "PNG")
+    assert parse_example("42") == Example(42)
+    assert parse_example("./42") == Example("./42")
+    assert parse_example("42@0,0,4,4") == Example(42, box=(0, 0, 4, 4))
+    assert parse_example("./42@1,2,3,4").box == (1, 2, 3, 4)
+    with pytest.raises(BadQuery, match="not found"):
+        parse_example("nope.jpg")
+    assert parse_date("2021-06-30") == "2021-06-30T00:00:00" and parse_date("2021-06-30T14:05") == "2021-06-30T14:05:00"
+    with pytest.raises(BadQuery):
+        parse_date("30/06/2021")
+    with pytest.raises(BadQuery):
+        Filters(near=(91, 0, 1))
+    with pytest.raises(BadQuery):
+        SearchQuery((Example(1, objects=True), Example(2)))
+    with pytest.raises(BadQuery):
+        Example(1, box=(0, 0, 1, 1), part=1)
+    assert great_circle_km(np.array([48.8566]), np.array([2.3522]), 51.5074, -0.1278)[0] == pytest.approx(343.5, abs=1)
+
+
+@pytest.fixture
+def described_app(described, tiny_model):
+    from conftest import local_client
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    engine, photos, made = described
+    settings = Settings(index=engine.root, model=str(tiny_model), device="cpu", workers=0)
+    with local_client(create_app(settings)) as client:
+        yield client, engine, photos, made
+
+
+def test_http_feedback_filters_and_browse(described_app):
+    client, engine, photos, made = described_app
+    ids = {os.path.basename(p.path): p.photo_id for p in engine.browse(limit=100)[1]}
+    leica = sorted(ids[m] for m in made[:3])
+    r = client.get(f"/photos/{ids[made[3]]}/similar", params={"k": 3, "camera": "LEICA"})
+    assert r.status_code == 200, r.text
+    assert sorted(h["id"] for h in r.json()["results"]) == leica and r.json()["mode"] == "global"
+    r = client.get(f"/photos/{leica[0]}/similar", params={"k": 5, "like": [str(leica[1]), f"{leica[2]}@0,0,60,60"],
+                                                          "unlike": [str(ids[made[3]])], "near": "48.8566,2.3522,10"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["mode"] == "feedback" and sorted(h["id"] for h in body["results"]) == leica
+    with open(photos / "trip" / made[0], "rb") as f:
+        data = f.read()
+    r = client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")},
+                    params={"k": 10, "taken_after": "2021-01-01", "folder": str(photos / "trip"), "unlike": [str(leica[0])]})
+    assert r.status_code == 200, r.text
+    assert {h["id"] for h in r.json()["results"]} == {ids[m] for m in made[3:]}
+    page = client.get("/photos", params={"sort": "taken", "order": "desc", "limit": 2, "offset": 1, "camera": "canon"}).json()
+    assert page["total"] == 3 and [p["taken"] for p in page["photos"]] == ["2021-09-11T12:00:00", "2021-09-10T12:00:00"]
+    assert page["photos"][0]["make"] == "Canon" and page["photos"][0]["lat"] == pytest.approx(40.6892, abs=1e-4)
+    assert client.get("/photos", params={"limit": 5}).json()["total"] == 48
+    for bad in ({"sort": "size"}, {"near": "1,2"}, {"taken_after": "yesterday"}, {"limit": -1}):
+        r = client.get("/photos", params=bad)
+        assert r.status_code == 422 and "detail" in r.json(), (bad, r.text)
+    for bad in ({"like": "../etc/passwd"}, {"like": "5@1,2"}, {"unlike": "x"}):
+        r = client.get(f"/photos/{leica[0]}/similar", params=bad)
+        assert r.status_code == 422, (bad, r.text)
+    assert client.get(f"/photos/{leica[0]}/similar", params={"like": "999999"}).status_code == 404
+
+
+def test_cli_like_unlike_filters_and_ls(described, tiny_model):
+    from test_cli import run
+
+    engine, photos, made = described
+    idx = str(engine.root)
+    ids = {os.path.basename(p.path): p.photo_id for p in engine.browse(limit=100)[1]}
+    trip = photos / "trip"
+    hits = json.loads(run("search", idx, str(trip / made[0]), "--like", str(ids[made[1]]), "--like", f"{trip / made[2]}@0,0,50,50",
+                          "--unlike", str(ids[made[3]]), "--camera", "leica", "--near", "48.8566,2.3522,10",
+                          "-k", "5", "--json").stdout)
+    assert sorted(h["id"] for h in hits) == sorted(ids[m] for m in made[:3])
+    out = json.loads(run("ls", idx, "--camera", "canon", "--sort", "taken", "--order", "desc", "--json").stdout)
+    assert out["total"] == 3 and [p["model"] for p in out["photos"]] == ["EOS R6", "EOS R5", "EOS R5"]
+    text = run("ls", idx, "--folder", str(trip), "--taken-before", "2020-01-01")
+    assert len(text.stdout.splitlines()) == 3 and "Leica M11" in text.stdout and "of 3 photos" in text.stderr
+    bad = run("search", idx, "5", "--id", "--like", "nope.jpg", check=False)
+    assert bad.returncode == 2 and "a number alone is a photo id" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_filters_return_k_on_ivf_kinds_whose_probe_misses(described, embedder, tmp_path):
+    """IVF kinds visit nprobe lists only: the filtered photos may lie in lists the probe skips; k still come back."""
+    from search import EngineConfig
+
+    engine, photos, made = described
+    idx = tmp_path / "ivf"
+    index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False, global_kind="IVF8,Flat", patch_kind="IVF8,SQ8"))
+    ivf = Engine(idx, EngineConfig(nprobe=1), embedder=embedder)
+    assert ivf.manifest.global_kind.startswith("IVF") and ivf.manifest.patch_kind.startswith("IVF")
+    for f in sorted(photos.rglob("*.jpg"))[:6]:
+        for box in (None, (0, 0, 60, 60)):
+            r = ivf.search(SearchQuery((Example(str(f), box=box),), filters=Filters(camera="leica"), k=3))
+            assert set(names(r.hits)) == set(made[:3]), (f.name, box, names(r.hits))
