@@ -5,9 +5,11 @@
     embed (actor pool)  -> one Embedder per actor (GPU actors where there are GPUs)
     write (driver)      -> the same Writer, catalog, manifest and snapshots as a local run
 
-The driver scans, compares with the catalog and assigns photo ids in scan order
-before anything is sent, so a Ray run gives the same catalog as a local one and a
-rerun after a crash skips what was committed. Failed tasks are retried by Ray
+The driver scans and compares with the catalog; a new photo gets its id when its
+result comes back to the driver (results arrive in scan order), so ids follow scan
+order exactly as in a local run, and a run killed between commits, then resumed,
+gives every photo the id a clean run gives (ids handed out before the work is
+committed would be lost with it). A rerun after a crash skips what was committed. Failed tasks are retried by Ray
 (``max_retries``; actors are restarted). Photos must be readable at the same path
 on every node (a shared folder).
 """
@@ -83,15 +85,23 @@ class _EmbedActor:
 
 
 def _ray_init(address: str, num_cpus: int | None) -> None:
+    """Start a cluster of this machine ("local": always a new one, never a stale cluster file's address) or
+    connect to a running one ("auto": RAY_ADDRESS or `ray start` on this machine; HOST:PORT; ray://HOST:10001)."""
     import ray
 
     if ray.is_initialized():
         return
     if address == "local":
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, ignore_reinit_error=True)
-    else:  # "auto" (RAY_ADDRESS or a running cluster) or ray://host:port
-        ray.init(address=address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        return
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except ConnectionError as e:  # Ray's own words are several lines naming its flags, not ours
+        where = ("no running Ray cluster was found (RAY_ADDRESS is not set and `ray start --head` was not run on this machine)"
+                 if address == "auto" else f"cannot reach the Ray cluster at {address} ({str(e).strip().splitlines()[0][:160]})")
+        raise ConfigError(f"--ray {address}: {where}; start one with `ray start --head` (or set RAY_ADDRESS=HOST:6379), "
+                          f"or use --ray local for a cluster of this machine") from None
 
 
 def pool_shape(total_cpus: float, workers: int, gpus: int) -> tuple[float, float]:
@@ -140,7 +150,7 @@ def index_folder_ray(
             writer.manifest.classifier = classifier
             need_labels = writer.unlabelled()
         items: list[dict] = []
-        for f in files:  # ids assigned here, in scan order: the same ids a local run gives
+        for f in files:  # new photos (id -1) get their ids as their results come back, in scan order
             k = known.get(f.path)
             if k is not None and (k[1], k[2]) == (f.size, f.mtime_ns) and (k[4] == "indexed" or not config.retry_failed):
                 stats.unchanged += 1
@@ -151,7 +161,7 @@ def index_folder_ray(
                 stats.new += 1
             else:
                 stats.changed += 1
-            items.append({"id": k[0] if k else writer.allocate_id(), "path": f.path, "size": f.size, "mtime_ns": f.mtime_ns,
+            items.append({"id": k[0] if k else -1, "path": f.path, "size": f.size, "mtime_ns": f.mtime_ns,
                           "tags_only": False})
         if items:
             _run_pipeline(items, writer, embedder, config, stats, num_workers, on_commit, known, classifier)
@@ -189,6 +199,7 @@ def _run_pipeline(items, writer: Writer, embedder: Embedder, config: IndexConfig
     bar = tqdm(total=len(items), unit="photo", disable=not config.progress, desc="indexing (ray)", smoothing=0.1)
     since = 0
     for batch in ds.iter_batches(batch_size=b, batch_format="numpy", prefetch_batches=2):
+        batch["id"] = np.array([i if i >= 0 else writer.allocate_id() for i in batch["id"].tolist()], np.int64)
         ok = [j for j, e in enumerate(batch["error"]) if e == ""]
         for j, e in enumerate(batch["error"]):
             if e != "":

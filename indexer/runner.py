@@ -170,6 +170,8 @@ def open_writer(index_dir, embedder: Embedder, config: IndexConfig, store: str |
         if writer.manifest is not manifest:
             writer.manifest.check(embedder)
         writer.manifest.store = uri
+        if writer.vectors is not None and writer.vectors.remove_from(writer.manifest.next_id):
+            writer.dirty = True  # vectors a killed run sent for photo ids it never committed: gone at the next commit
     except BaseException:
         writer.close()
         raise

@@ -38,6 +38,8 @@ class VectorStore(Protocol):
     def add(self, kind: str, ids: np.ndarray, photos: np.ndarray, vectors: np.ndarray) -> None: ...
     def remove_photos(self, photo_ids: Iterable[int], kinds: Iterable[str] = KINDS) -> None: ...
     def clear(self, kind: str) -> None: ...
+    def remove_from(self, first_photo: int) -> int: ...
+    def photo_ids(self, kind: str) -> np.ndarray: ...
     def set_tags(self, photo_ids: Iterable[int], tags: list[list[str]]) -> None: ...
     def search(self, kind: str, xq: np.ndarray, k: int, *, photos: Iterable[int] | None = None,
                tag: str | None = None) -> tuple[np.ndarray, np.ndarray]: ...
@@ -91,6 +93,17 @@ class FaissStore:
         _check_kind(kind)
         self.index[kind] = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         self.photo[kind] = {}
+
+    def remove_from(self, first_photo) -> int:
+        """Remove the vectors of every photo with id >= first_photo; returns how many vectors went."""
+        gone = {p for kind in KINDS for p in self.photo[kind].values() if p >= first_photo}
+        n = sum(p in gone for kind in KINDS for p in self.photo[kind].values())
+        self.remove_photos(gone)
+        return n
+
+    def photo_ids(self, kind) -> np.ndarray:
+        _check_kind(kind)
+        return np.unique(np.fromiter(self.photo[kind].values(), np.int64, len(self.photo[kind])))
 
     def set_tags(self, photo_ids, tags) -> None:
         for p, t in zip(photo_ids, tags):
@@ -183,6 +196,21 @@ class MilvusStore:
 
     def clear(self, kind) -> None:
         self.client.delete(self._coll(kind), filter="photo >= 0")
+
+    def remove_from(self, first_photo) -> int:
+        n = 0
+        for kind in KINDS:
+            r = self.client.delete(self._coll(kind), filter=f"photo >= {int(first_photo)}")
+            n += int(r["delete_count"]) if isinstance(r, dict) else len(r)  # a count from a server, the keys from Milvus Lite
+        return n
+
+    def photo_ids(self, kind) -> np.ndarray:
+        it = self.client.query_iterator(self._coll(kind), batch_size=16384, filter="photo >= 0", output_fields=["photo"])
+        found: set[int] = set()
+        while rows := it.next():
+            found.update(int(r["photo"]) for r in rows)
+        it.close()
+        return np.array(sorted(found), np.int64)
 
     def set_tags(self, photo_ids, tags) -> None:
         want = {int(p): list(t)[:MAX_TAGS] for p, t in zip(photo_ids, tags)}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.errors import IndexFormatError
+from indexer.errors import DinosearchError, IndexFormatError
 from indexer.store import (
     CATALOG_FILE,
     GLOBAL_FILE,
@@ -144,6 +144,41 @@ def _snapshot_problems(snap: Path) -> tuple[list[str], dict[str, int]]:
     return problems, counts
 
 
+def _store_problems(snap: Path, repair: bool) -> tuple[list[str], list[str]]:
+    """The external vector store (Milvus) against the catalog: vectors of photos the catalog does not hold as indexed
+    (left by a run killed before its commit) and indexed photos without vectors. ``repair`` deletes the former."""
+    from indexer.vectors import open_store
+
+    try:
+        m = Manifest.load(snap / MANIFEST_FILE)
+        if not m.store:
+            return [], []
+        db = sqlite3.connect(f"file:{snap / CATALOG_FILE}?mode=ro", uri=True)
+        indexed = np.array(sorted(i for (i,) in db.execute("SELECT id FROM photos WHERE status='indexed'")), np.int64)
+        db.close()
+        store = open_store(m.store, m.dim)
+    except (IndexFormatError, sqlite3.DatabaseError):
+        return [], []  # already reported by the snapshot's own check
+    except DinosearchError as e:
+        return [f"the vector store {m.store} cannot be opened: {e}"], []
+    problems, repaired = [], []
+    for kind in ("global", "patches"):
+        held = store.photo_ids(kind)
+        ghosts, missing = np.setdiff1d(held, indexed), np.setdiff1d(indexed, held)
+        if len(ghosts) and repair:
+            store.remove_photos(ghosts.tolist(), kinds=(kind,))
+            repaired.append(f"removed the {kind} vectors of {len(ghosts)} photos not in the catalog from {m.store}")
+        elif len(ghosts):
+            problems.append(f"{m.store} holds {kind} vectors of {len(ghosts)} photos the catalog does not have, e.g. "
+                            f"{ghosts[:3].tolist()} (left by a run killed before its commit; --repair removes them)")
+        if len(missing):
+            problems.append(f"{m.store} has no {kind} vectors for {len(missing)} indexed photos, e.g. {missing[:3].tolist()} "
+                            f"(index the folder again with a new --index to rebuild the store)")
+    if repaired:
+        store.flush()
+    return problems, repaired
+
+
 def verify(root: str | os.PathLike, *, repair: bool = False) -> Report:
     """Check the live snapshot; with ``repair``, fix what is safe to fix (never deletes committed photos)."""
     root = Path(root).expanduser()
@@ -185,4 +220,8 @@ def verify(root: str | os.PathLike, *, repair: bool = False) -> Report:
                                        f"(work committed after it must be indexed again)")
                 report.snapshot, report.counts, report.problems = snap.name, counts, []
                 break
+    if report.snapshot is not None:  # after any switch back: the store is checked against the catalog that stays live
+        problems, repaired = _store_problems(root / report.snapshot, repair)
+        report.problems += problems
+        report.repaired += repaired
     return report
