@@ -129,7 +129,7 @@ def _index(args: argparse.Namespace, pool) -> int:
     if segmenter is not None:
         tagged += f", {stats.objects} objects in {stats.segmented} photos"
     print(
-        f"{stats.indexed} indexed{tagged}, {stats.touched} touched, {stats.unchanged} unchanged, {stats.deleted} deleted, "
+        f"{stats.indexed} indexed{tagged}, {stats.moved} moved, {stats.touched} touched, {stats.unchanged} unchanged, {stats.deleted} deleted, "
         f"{stats.failed} failed, {stats.not_images} not images in {stats.seconds:.1f}s ({stats.photos_per_second:.1f} photos/s) -> {idx}"
     )
     for path, reason in stats.failures[:20]:

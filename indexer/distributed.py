@@ -163,6 +163,7 @@ def index_folder_ray(
                 stats.changed += 1
             items.append({"id": k[0] if k else -1, "path": f.path, "size": f.size, "mtime_ns": f.mtime_ns,
                           "tags_only": False})
+        stats.unchanged -= stats.moved  # a moved photo's new row matched above: counted as moved only
         if items:
             _run_pipeline(items, writer, embedder, config, stats, num_workers, on_commit, known, classifier)
         fill_meta(writer, root, stats)  # Ray tasks send pixels only: new and changed photos' headers are read here

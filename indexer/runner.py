@@ -19,7 +19,7 @@ import numpy as np
 
 from indexer.classifier import Classifier
 from indexer.embedder import Embedder
-from indexer.errors import ConfigError
+from indexer.errors import ConfigError, DecodeError
 from indexer.objects import Mask, Segmenter, crop_object, rle_encode
 from indexer.pool import DecodePool, decoded_in_order, start_pool
 from indexer.reader import (
@@ -29,6 +29,8 @@ from indexer.reader import (
     DecodeJob,
     FileInfo,
     ScanReport,
+    content_hash,
+    read_file,
     read_meta,
     scan,
 )
@@ -72,6 +74,7 @@ class RunStats:
     new: int = 0
     changed: int = 0
     deleted: int = 0
+    moved: int = 0  # the same bytes at a new path (moved, renamed): the catalog row follows, nothing is embedded
     indexed: int = 0
     failed: int = 0
     not_images: int = 0  # files the scan passed over: not photos by extension or first bytes (sidecars, videos, text)
@@ -190,8 +193,15 @@ def sync_catalog(root: str, writer: Writer, stats: RunStats) -> tuple[list[FileI
     known = writer.known()
     seen = {f.path for f in files} | {p for p, _ in scan_errors}
     prefix = root.rstrip(os.sep) + os.sep
-    gone = [v[0] for p, v in known.items() if p.startswith(prefix) and p not in seen]
-    writer.delete(gone)
+    gone = {p: v for p, v in known.items() if p.startswith(prefix) and p not in seen}
+    for f, old in find_moves([f for f in files if f.path not in known], gone):
+        del gone[old]
+        photo_id, meta = known[old][0], read_meta(f.path, f.mtime_ns)
+        writer.move(photo_id, f.path, f.size, f.mtime_ns)
+        writer.set_meta(photo_id, f.path, meta)  # its folder, and a date that may fall back to the mtime
+        known[f.path] = (photo_id, f.size, f.mtime_ns, known.pop(old)[3], "indexed")
+        stats.moved += 1
+    writer.delete([v[0] for v in gone.values()])
     stats.deleted = len(gone)
     for path, reason in scan_errors:
         if path not in known:
@@ -199,6 +209,27 @@ def sync_catalog(root: str, writer: Writer, stats: RunStats) -> tuple[list[FileI
             stats.failed += 1
             stats.failures.append((path, reason))
     return files, known
+
+
+def find_moves(new: list[FileInfo], gone: dict[str, tuple]) -> list[tuple[FileInfo, str]]:
+    """New files that hold the very bytes of an indexed photo gone from its path in the same scan: (file, old path)
+    pairs. Only files of a gone photo's size are read (and hashed as the decode does); each old path is used once."""
+    by_key: dict[tuple[int, str], list[str]] = collections.defaultdict(list)
+    for path, (_, size, _, hash_, status) in sorted(gone.items()):
+        if status == "indexed" and hash_:
+            by_key[size, hash_].append(path)
+    sizes = {size for size, _ in by_key}
+    moves = []
+    for f in new:
+        if f.size not in sizes:
+            continue
+        try:
+            olds = by_key.get((f.size, content_hash(read_file(f.path))))
+        except (OSError, DecodeError):
+            continue  # unreadable now: the decode records why, as for any new file
+        if olds:
+            moves.append((f, olds.pop(0)))
+    return moves
 
 
 def fill_meta(writer: Writer, root: str, stats: RunStats) -> None:
@@ -244,6 +275,7 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
             else:
                 stats.changed += 1
             todo.append(f)
+        stats.unchanged -= stats.moved  # a moved photo's new row matched above: counted as moved only
 
         job = DecodeJob(embedder.config.resolution, config.max_pixels, config.max_bytes,
                         large_side=segmenter.side if segmenter is not None else 0, timeout=config.decode_timeout)

@@ -637,6 +637,11 @@ class Writer:
         self._remove_vectors([photo_id])
         self._upsert(photo_id, path, size, mtime_ns, hash_, None, None, "failed", error)
 
+    def move(self, photo_id: int, path: str, size: int, mtime_ns: int) -> None:
+        """The same bytes found at another path (a moved or renamed photo): the row follows, id and vectors stay."""
+        self.db.execute("UPDATE photos SET path=?, size=?, mtime_ns=? WHERE id=?", (os.fsencode(path), size, mtime_ns, photo_id))
+        self.dirty = True
+
     def touch(self, photo_id: int, size: int, mtime_ns: int) -> None:
         """Same content, new mtime: update the catalog only."""
         self.db.execute("UPDATE photos SET size=?, mtime_ns=? WHERE id=?", (size, mtime_ns, photo_id))

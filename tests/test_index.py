@@ -251,3 +251,41 @@ def test_an_untrainable_forced_kind_is_a_clear_error_and_loses_nothing(photos, e
     with pytest.raises(ConfigError, match="cannot train index kind 'IVF4096,Flat' on 48 vectors"):
         index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False, global_kind="IVF4096,Flat"))
     assert not (idx / "CURRENT").exists() and not list(idx.glob("snap-*"))
+
+
+def test_moved_and_renamed_photos_keep_their_ids_and_vectors(photos, embedder, tmp_path):
+    """A photo moved or renamed inside the indexed folder (its bytes gone from one path, found at another in the same
+    scan) keeps its id, vectors, tags and metadata: the row follows it, nothing is embedded. A copy is a new photo."""
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, CFG)
+    before = {os.fsdecode(r[1]): r for r in catalog_rows(idx)}
+    files = sorted(photos.glob("*.jpg"))
+    (photos / "trip" / "day1").mkdir(parents=True)
+    moves = {files[0]: photos / "trip" / "day1" / files[0].name,  # moved to another (new) subfolder
+             files[1]: photos / "trip" / "renamed.jpg",  # moved and renamed
+             files[2]: photos / "sub" / "renamed-here.jpg"}  # renamed into an existing subfolder
+    for a, b in moves.items():
+        os.rename(a, b)
+    copy = photos / "trip" / "copy.jpg"
+    shutil.copy2(files[3], copy)  # the old path stays: a copy is a new photo
+    stats = index_folder(photos, idx, embedder, CFG)
+    assert (stats.moved, stats.indexed, stats.new, stats.deleted, stats.unchanged) == (3, 1, 1, 0, 45)
+    after = {os.fsdecode(r[1]): r for r in catalog_rows(idx)}
+    assert len(after) == 49 and after[str(copy)][0] == 49
+    for a, b in moves.items():
+        assert str(a) not in after and after[str(b)][0] == before[str(a)][0] and after[str(b)][2:] == before[str(a)][2:]
+    assert_consistent(idx)
+    db = Snapshot.open(idx).catalog()
+    folders = dict(db.execute("SELECT photo_id, folder FROM meta").fetchall())
+    for b in moves.values():
+        assert os.fsdecode(folders[after[str(b)][0]]) == str(b.parent)
+    engine = Engine(idx, embedder=embedder)
+    for b in moves.values():
+        hit = engine.similar(str(b), k=1)[0]
+        assert (hit.photo_id, hit.path) == (after[str(b)][0], str(b)) and hit.score > 0.999
+    # moved back and duplicated in one scan: each old row is matched once, the second copy is new
+    os.rename(moves[files[0]], files[0])
+    shutil.copy2(files[0], photos / "trip" / "again.jpg")
+    stats = index_folder(photos, idx, embedder, CFG)
+    assert (stats.moved, stats.indexed) == (1, 1)
+    assert {os.fsdecode(r[1]): r[0] for r in catalog_rows(idx)}[str(files[0])] == before[str(files[0])][0]
