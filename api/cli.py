@@ -75,6 +75,11 @@ def _index(args: argparse.Namespace, pool) -> int:
     from indexer.runner import IndexConfig, index_folder
     from indexer.store import Snapshot, current_snapshot
 
+    watch = None
+    if args.watch:  # bad values are refused before the model loads
+        from indexer.watch import WatchConfig
+
+        watch = WatchConfig(debounce=args.watch_debounce, interval=args.watch_interval)
     model, resolution, recorded = args.model, args.resolution, None
     idx = Path(args.index).expanduser()
     since = 1  # the first photo id this run can allocate (ids are given in order): --check-duplicates looks at those
@@ -113,18 +118,56 @@ def _index(args: argparse.Namespace, pool) -> int:
         settings = {k: v for k, v in old.items() if k in SegmenterConfig.__dataclass_fields__} | {k: v for k, v in given.items() if v is not None}
         segmenter = Segmenter(SegmenterConfig(**{"model": DEFAULT_SEGMENTER} | settings),
                               device=embedder.device, precision=embedder.precision)
-    if args.ray:
-        if segmenter is not None:
-            raise DinosearchError("--objects does not run on Ray yet: index with --ray first, then run "
-                                  "`dinosearch index FOLDER --index IDX --objects` on one machine (no re-embedding)")
-        from indexer.distributed import index_folder_ray
+    if args.ray and segmenter is not None:
+        raise DinosearchError("--objects does not run on Ray yet: index with --ray first, then run "
+                              "`dinosearch index FOLDER --index IDX --objects` on one machine (no re-embedding)")
+    def run(folder: str, pool=None):
+        if args.ray:
+            from indexer.distributed import index_folder_ray
 
-        stats = index_folder_ray(args.folder, idx, embedder, cfg, address=args.ray, num_workers=args.num_workers,
-                                 num_cpus=args.ray_cpus, store=args.store,
-                                 classifier=classifier.config.model if classifier is not None else None)
+            return index_folder_ray(folder, idx, embedder, cfg, address=args.ray, num_workers=args.num_workers,
+                                    num_cpus=args.ray_cpus, store=args.store,
+                                    classifier=classifier.config.model if classifier is not None else None)
+        return index_folder(folder, idx, embedder, cfg, pool=pool, classifier=classifier, segmenter=segmenter, store=args.store)
+
+    pools = [pool]  # the decode pool started early serves the first run; index_folder shuts it down
+
+    def run_and_report(folder: str) -> None:
+        first = Snapshot.open(idx).manifest.next_id if current_snapshot(idx) else since  # this run's new photos: ids from here
+        _report_run(run(folder, pools.pop() if pools else None), args, idx, classifier, segmenter, first)
+
+    if watch is None:
+        run_and_report(args.folder)
     else:
-        stats = index_folder(args.folder, idx, embedder, cfg, pool=pool, classifier=classifier, segmenter=segmenter,
-                             store=args.store)
+        _watch(args, idx, watch, run_and_report)
+    return 0
+
+
+def _watch(args: argparse.Namespace, idx: Path, config, run) -> None:
+    """Index the folder, then keep the index in step with it until Ctrl-C (or SIGTERM), which stops after the current
+    run's commit; a second Ctrl-C stops at once (committed work is kept either way)."""
+    import signal
+    import threading
+
+    from indexer.watch import watch_folder
+
+    stop = threading.Event()
+
+    def finish(signum, _frame) -> None:
+        print("dinosearch: stopping after the current run's commit (Ctrl-C again stops now)", file=sys.stderr, flush=True)
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, finish)
+    signal.signal(signal.SIGTERM, finish)
+    print(f"watching {shown(str(Path(args.folder).expanduser().absolute()))}: each change is indexed once the folder is quiet "
+          f"(Ctrl-C stops after the current commit)", flush=True)
+    watch_folder(Path(args.folder).expanduser(), run, stop, config, ignore=(str(idx.absolute()),), initial=True,
+                 on_fallback=lambda msg: print(f"dinosearch: {msg}", file=sys.stderr, flush=True))
+    print("stopped watching", flush=True)
+
+
+def _report_run(stats, args: argparse.Namespace, idx: Path, classifier, segmenter, since: int) -> None:
     tagged = f", {stats.labelled} tagged" if classifier is not None else ""
     if segmenter is not None:
         tagged += f", {stats.objects} objects in {stats.segmented} photos"
@@ -138,7 +181,7 @@ def _index(args: argparse.Namespace, pool) -> int:
         print(f"  ... and {len(stats.failures) - 20} more (see `dinosearch info {idx} --failed`)")
     if args.check_duplicates:
         _report_added_duplicates(idx, since)
-    return 0
+    sys.stdout.flush()
 
 
 def _report_added_duplicates(idx: Path, since: int) -> None:
@@ -380,8 +423,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("DINOSEARCH_TOKEN"):
         print(f"dinosearch: warning: serving on {args.host} without DINOSEARCH_TOKEN: write routes are disabled, "
               "read routes are open to the network", file=sys.stderr)
+    from api.service import check_folder
     from indexer.embedder import keep_index_precision
     from indexer.store import Manifest, current_snapshot
+    from indexer.watch import WatchConfig
 
     if current_snapshot(Path(args.index).expanduser()) is not None:  # a flag at odds with the index: fail before serving
         keep_index_precision(args.precision, Manifest.load_current(Path(args.index).expanduser()).precision)
@@ -390,7 +435,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_upload_bytes=args.max_upload_mb * 2**20, commit_every=args.commit_every,
                         upload_timeout=args.upload_timeout, store=args.store, max_pixels=megapixels(args.max_megapixels),
                         max_upload_pixels=int(args.max_upload_megapixels * 1e6), host=args.host,
-                        allowed_hosts=tuple(args.allowed_host), allowed_roots=tuple(Path(r) for r in args.allowed_root))
+                        allowed_hosts=tuple(args.allowed_host), allowed_roots=tuple(Path(r) for r in args.allowed_root),
+                        watch=tuple(Path(check_folder(os.path.abspath(os.path.expanduser(f)))) for f in args.watch),
+                        watch_interval=WatchConfig(interval=args.watch_interval).interval)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -598,6 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ray-cpus", type=int, default=None, help="with --ray local: CPUs of the local cluster (default all)")
     q.add_argument("--check-duplicates", action="store_true",
                    help="after the run, list the photos it added that duplicate indexed ones (their candidates only)")
+    q.add_argument("--watch", action="store_true",
+                   help="after the run, keep the index in step with the folder: each burst of changes is indexed once the "
+                        "folder is quiet (Ctrl-C stops after the current commit)")
+    q.add_argument("--watch-interval", type=float, default=60.0,
+                   help="with --watch, where the OS cannot watch the folder (inotify limit): seconds between scans (default 60)")
+    q.add_argument("--watch-debounce", type=float, default=2.0, help="with --watch: seconds of quiet before a run (default 2)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_index)
 
@@ -675,6 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also answer requests with this Host name (repeatable; by default only the --host names are answered, against DNS rebinding)")
     q.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
                    help="index jobs may only add folders below DIR (repeatable; default: any folder)")
+    q.add_argument("--watch", action="append", default=[], metavar="FOLDER",
+                   help="keep the index in step with FOLDER (repeatable): an index job at start, then one for each burst of changes")
+    q.add_argument("--watch-interval", type=float, default=60.0,
+                   help="with --watch, where the OS cannot watch a folder (inotify limit): seconds between scans (default 60)")
     q.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("classify", help="top labels of a photo by the index's classifier",

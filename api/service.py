@@ -117,6 +117,8 @@ class Service:
         self._queue: queue.Queue[JobState | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run_jobs, name="index-jobs", daemon=True)
         self._decodes = threading.BoundedSemaphore(max(1, settings.max_decodes))
+        self._watching = threading.Event()  # set: the watchers stop
+        self._watchers: list[threading.Thread] = []
 
     @contextlib.contextmanager
     def decode_slot(self) -> Iterator[None]:
@@ -140,11 +142,36 @@ class Service:
         if not self._worker.is_alive():  # idempotent: a lifespan may run more than once per app
             self._worker = threading.Thread(target=self._run_jobs, name="index-jobs", daemon=True)
             self._worker.start()
+        if self.settings.watch and not any(t.is_alive() for t in self._watchers):
+            self._watching.clear()
+            self._watchers = [threading.Thread(target=self._watch, args=(str(f),), name=f"watch {f}", daemon=True)
+                              for f in self.settings.watch]
+            for t in self._watchers:
+                t.start()
 
     def stop(self) -> None:
+        self._watching.set()
+        for t in self._watchers:
+            t.join(timeout=5)
         if self._worker.is_alive():
             self._queue.put(None)
             self._worker.join(timeout=5)
+
+    def _watch(self, folder: str) -> None:
+        """Keep the index in step with ``folder``: an index job now, then one per burst of changes, one at a time."""
+        from indexer.watch import WatchConfig, watch_folder
+
+        def run(where: str) -> None:
+            job = self.submit(where)
+            while not job.finished.wait(0.5):
+                if self._watching.is_set():
+                    return
+
+        try:
+            watch_folder(folder, run, self._watching, WatchConfig(interval=self.settings.watch_interval),
+                         ignore=(str(self.settings.index.absolute()),), initial=True)
+        except Exception:  # the server stays up; searches go on without the watch
+            log.exception("watching %s failed; the index is no longer kept in step with it", folder)
 
     # -- engine
 

@@ -33,6 +33,8 @@ class Settings:
     workers: int = 1  # decode processes of index jobs
     commit_every: int = 200  # photos between a job's commits: searches see new photos this often
     store: str | None = None  # external vector store to search (default: the index's own)
+    watch: tuple[Path, ...] = ()  # folders kept in step with the index: an index job for each burst of changes
+    watch_interval: float = 60.0  # seconds between scans of a watched folder the OS cannot watch (inotify limit)
 
     def __post_init__(self) -> None:
         if self.token is not None and len(self.token) < 16:

@@ -38,6 +38,7 @@ def die_with_parent(parent: int) -> None:
     worker ends; workers are started by the thread that submits, which outlives the pool).
     Elsewhere (macOS): a daemon thread polls os.getppid() every second.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C (sent to the whole terminal group) is the parent's to handle
     armed = False
     if sys.platform.startswith("linux"):
         try:
