@@ -121,6 +121,7 @@ def _index(args: argparse.Namespace, pool) -> int:
     if args.ray and segmenter is not None:
         raise DinosearchError("--objects does not run on Ray yet: index with --ray first, then run "
                               "`dinosearch index FOLDER --index IDX --objects` on one machine (no re-embedding)")
+
     def run(folder: str, pool=None):
         if args.ray:
             from indexer.distributed import index_folder_ray

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from indexer.errors import ConfigError
+from indexer.errors import ConfigError, DecodeError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ def watch_folder(root: str | os.PathLike, run: Callable[[str], object], stop: th
     run always ends with its commit). ``ignore``: paths whose events are not changes (the index directory).
     ``initial``: one run on ``root`` first, once the watch has started (so no change during it is missed)."""
     root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root):
+        raise DecodeError(f"not a folder: {root}")
     changes = _Changes(root, tuple(os.path.abspath(os.fspath(p)) for p in ignore))
     try:
         observer = _observer(root, changes)

@@ -173,6 +173,32 @@ class Shell:
             assert time.time() < deadline, "an index job did not finish"
             time.sleep(0.3)
 
+    def watch(self, cmd: str) -> None:
+        """`index --watch` never returns by itself: run it until its first run is reported, then Ctrl-C it as a person
+        would; it must stop cleanly after that commit."""
+        import signal
+        import threading
+
+        p = subprocess.Popen(["bash", "-c", "exec " + cmd], cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
+        reader.start()
+        deadline = time.time() + 300
+        try:
+            while not any(" indexed" in line for line in lines):
+                assert p.poll() is None, f"`{cmd}` exited: {p.stderr.read()}"
+                assert time.time() < deadline, f"`{cmd}` did not report its first run in 300 s"
+                time.sleep(0.2)
+            p.send_signal(signal.SIGINT)
+            p.wait(timeout=120)
+            err = p.stderr.read()
+        finally:
+            p.kill()
+        reader.join(10)
+        assert p.returncode == 0 and lines[-1].strip() == "stopped watching", f"`{cmd}`: {lines}\n{err}"
+        assert "Traceback" not in err, err
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.terminate()
@@ -222,6 +248,8 @@ def test_every_readme_command_runs(newcomer):
                     shell.export(cmd)
                 elif cmd.startswith("dinosearch serve"):
                     shell.serve(cmd)
+                elif cmd.startswith("dinosearch index") and "--watch" in cmd:
+                    shell.watch(cmd)
                 elif cmd.startswith("curl "):
                     shell.idle()
                     p = shell.run("curl -sS -w '\\n%{http_code}' " + cmd[len("curl "):], timeout=120)
