@@ -43,8 +43,10 @@ class _Changes:
         self.last = 0.0
 
     def dispatch(self, event) -> None:  # watchdog's handler interface
-        if event.event_type in ("opened", "closed_no_write") or (event.is_directory and event.event_type == "modified"):
-            return  # reads change nothing (decoding a photo opens it); a folder "modified" comes with its entries' own events
+        if event.event_type in ("opened", "closed_no_write", "attrib") or (event.is_directory and event.event_type == "modified"):
+            # reads change nothing, and the decode's own reads open files and move their access times (attrib: a
+            # touch or chmod alone waits for the next change); a folder "modified" comes with its entries' own events
+            return
         paths = [p for p in (event.src_path, getattr(event, "dest_path", "")) if p]
         folders = set()
         for p in map(os.fsdecode, paths):
