@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, File, Header, HTTPException, Query, Reques
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from api import schemas
@@ -191,7 +192,9 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         yield
         svc.stop()
 
-    app = FastAPI(title="dinosearch", version="0.1.0", lifespan=lifespan,
+    # Swagger UI and ReDoc from assets the fastapi-offline wheel ships (served under /static-offline-docs):
+    # /docs and /redoc work without a network, and their versions move with a pip upgrade, not by hand
+    app = FastAPIOffline(title="dinosearch", version="0.1.0", lifespan=lifespan,
                   description="Image similarity search on DINOv2 features: whole photos, regions, parts.")
     app.state.service = svc
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024,  # + multipart framing
@@ -299,7 +302,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         return schemas.Stats(snapshot=e.snapshot.path.name, model=m.model, precision=m.precision, resolution=m.resolution,
                              grid=m.grid, photos_indexed=counts.get("indexed", 0), photos_failed=counts.get("failed", 0),
                              global_kind=m.global_kind, patch_kind=m.patch_kind, classifier=m.classifier,
-                             segmenter=(m.segmenter or {}).get("model"), objects=e.object_count())
+                             segmenter=(m.segmenter or {}).get("model"), objects=e.object_count(), max_k=settings.max_k)
 
     @app.post("/search", response_model=schemas.SearchResponse)
     async def search_upload(request: Request, svc: Svc, image: Annotated[UploadFile, File(description="the query photo")],
@@ -410,7 +413,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         return job_out(svc.cancel(job_id))
 
     def job_out(j) -> schemas.Job:
-        return schemas.Job(id=j.id, folder=j.folder, state=j.state, done=j.done, total=j.total, indexed=j.indexed,
+        return schemas.Job(id=j.id, folder=j.folder, state=j.state, stage=j.stage, done=j.done, total=j.total, indexed=j.indexed,
                            failed=j.failed, error=j.error, duplicates=j.duplicates)
 
     @app.get("/index/jobs/{job_id}", response_model=schemas.Job)

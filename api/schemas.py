@@ -89,6 +89,7 @@ class Stats(BaseModel):
     classifier: str | None = None
     segmenter: str | None = None
     objects: int = 0
+    max_k: int = Field(description="the most results a search may ask for (k)")
 
 
 class JobRequest(BaseModel):
@@ -108,9 +109,11 @@ class Job(BaseModel):
     id: int
     folder: str
     state: str = Field(description="queued, running, cancelling, done, failed or cancelled")
-    done: int = 0
-    total: int = 0
-    indexed: int = 0
+    stage: str | None = Field(None, description="while running: scanning (the folder), indexing (photos read / total), "
+                                                "duplicates (checking what it added)")
+    done: int = Field(0, description="photos read (decoded and embedded, or found unchanged) of total")
+    total: int = Field(0, description="photos to read (new or changed; known once the folder is scanned)")
+    indexed: int = Field(0, description="photos committed so far: searchable now")
     failed: int = 0
     error: str | None = None
     duplicates: list[JobDuplicate] = Field(default_factory=list, description="with check_duplicates, once done")
