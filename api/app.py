@@ -331,9 +331,20 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
                limit: Annotated[int, Query(ge=0, le=1000)] = 100) -> schemas.PhotoPage:
         """A page of the indexed photos with their date, camera and place, sorted and filtered, without a query."""
         total, page = svc.engine.browse(filters, sort=sort, order=order, offset=offset, limit=limit)
-        return schemas.PhotoPage(total=total, offset=offset, photos=[schemas.PhotoOut(
-            id=p.photo_id, path=shown(p.path), width=p.width, height=p.height, taken=p.taken, taken_source=p.taken_source,
-            make=p.make, model=p.model, lat=p.lat, lon=p.lon) for p in page])
+        return schemas.PhotoPage(total=total, offset=offset, photos=[photo_out(p) for p in page])
+
+    def photo_out(p, model=schemas.PhotoOut, **extra):
+        return model(id=p.photo_id, path=shown(p.path), width=p.width, height=p.height, taken=p.taken,
+                     taken_source=p.taken_source, make=p.make, model=p.model, lat=p.lat, lon=p.lon, **extra)
+
+    @app.get("/photos/{photo_id}/info", response_model=schemas.PhotoDetail)
+    def photo_info(photo_id: PhotoId, svc: Svc) -> schemas.PhotoDetail:
+        """One indexed photo's file name, size, date taken, camera, place and tags (the page's detail view)."""
+        p = svc.engine.photo_info(photo_id)
+        if p is None:
+            raise UnknownPhoto(f"photo id {photo_id} is not in the index")
+        tags = [schemas.Tag(label=lab, prob=round(prob, 4)) for lab, prob in svc.engine.labels_of([photo_id]).get(photo_id, [])]
+        return photo_out(p, schemas.PhotoDetail, tags=tags)
 
     @app.get("/photos/{photo_id}/objects", response_model=list[schemas.ObjectOut])
     def objects_of(photo_id: PhotoId, svc: Svc) -> list[schemas.ObjectOut]:

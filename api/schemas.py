@@ -43,6 +43,15 @@ class PhotoOut(BaseModel):
     lon: float | None = None
 
 
+class Tag(BaseModel):
+    label: str
+    prob: float
+
+
+class PhotoDetail(PhotoOut):
+    tags: list[Tag] = Field(default_factory=list, description="the classifier's top-5 at index time (none without one)")
+
+
 class PhotoPage(BaseModel):
     total: int = Field(description="photos that pass the filters")
     offset: int

@@ -233,3 +233,16 @@ def test_the_page_and_the_docs_name_no_outside_address(served):
     docs = client.get("/docs").text
     assert "/static-offline-docs/swagger-ui-bundle.js" in docs and "/static-offline-docs/redoc.standalone.js" in client.get("/redoc").text
     assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+
+
+def test_one_photo_s_details(served):
+    """GET /photos/{id}/info: the row GET /photos lists for it, with its tags; unknown ids are 404."""
+    client, _ = served
+    listed = {p["id"]: p for p in client.get("/photos", params={"limit": 100}).json()["photos"]}
+    info = client.get("/photos/7/info")
+    assert info.status_code == 200
+    body = info.json()
+    assert body.pop("tags") == [] and body == listed[7]  # this index has no classifier
+    assert client.get("/photos/99999/info").status_code == 404
+    client.delete("/photos/7", headers=AUTH)
+    assert client.get("/photos/7/info").status_code == 404
