@@ -162,6 +162,58 @@ def test_browse_then_upload_then_draw_a_box(site, browser):
     page.close()
 
 
+def test_detail_view_parts_match_heat_map_and_steering(site, browser):
+    url, _, _ = site
+    page = open_page(browser, url)
+    first = page.locator("#results li").first
+    name, pid = first.locator("button.hit").get_attribute("title"), first.locator("button.hit").get_attribute("data-id")
+    first.locator("button.info").click()
+    page.wait_for_selector("#detail[open]")
+    page.wait_for_function("document.getElementById('detail-meta').textContent.includes('pixels')")
+    assert page.text_content("#detail-name") == name
+    meta = dict(zip(page.locator("#detail-meta dt").all_text_contents(), page.locator("#detail-meta dd").all_text_contents()))
+    assert meta["File"] == name and meta["Size"].endswith("pixels") and "Taken" in meta
+    page.wait_for_function("document.getElementById('detail-dups').textContent !== ''")
+    assert not page.is_visible("#detail-match-label")  # a browsed photo has no match to show
+    audit(page, "detail")
+    # parts: drawn over the photo, each a button; one becomes a region query on this photo
+    page.check("#detail-parts")
+    page.wait_for_function("document.querySelectorAll('#detail-part-list button').length === 5")
+    page.screenshot(path=str(ARTIFACTS / "detail-parts.png"))
+    with page.expect_response(lambda r: f"/photos/{pid}/similar" in r.url and "part=1" in r.url and r.status == 200):
+        page.locator("#detail-part-list button").nth(1).click()
+    assert not page.is_visible("#detail")
+    wait_results(page, "region")
+
+    # a region result's detail: its match box and heat map over the photo, toggleable, and its score
+    second = page.locator("#results li").nth(1)
+    second.locator("button.info").click()
+    page.wait_for_selector("#detail[open]")
+    assert page.text_content("#detail-score").startswith("Score 0.")
+    drawn = "(() => { const c = document.getElementById('detail-overlay'); if (!c.width) return -1; " \
+            "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0; " \
+            "for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n / (c.width * c.height); })()"
+    page.wait_for_function(f"{drawn} > 0.2")  # the heat map covers the photo
+    page.screenshot(path=str(ARTIFACTS / "detail-match.png"))
+    page.uncheck("#detail-match")
+    assert page.evaluate(drawn) == 0
+    steered = second.locator("button.hit").get_attribute("title")
+    sid = second.locator("button.hit").get_attribute("data-id")
+
+    # steering: "less like this" puts it in the tray, and the results follow without it on top
+    with page.expect_response(lambda r: f"unlike={sid}" in r.url and r.status == 200):
+        page.click("#detail-unlike")
+    wait_results(page, "steered")
+    assert page.is_visible("#tray") and steered in page.text_content("#tray-unlike")
+    assert steered not in names(page)[:3]
+    audit(page, "steering")
+    page.screenshot(path=str(ARTIFACTS / "steering.png"), full_page=True)
+    with page.expect_response(lambda r: "/similar" in r.url and "unlike" not in r.url and r.status == 200):
+        page.locator("#tray-unlike button").first.click()
+    assert not page.is_visible("#tray")
+    page.close()
+
+
 def test_a_slow_old_reply_never_replaces_a_newer_one(site, browser):
     """The first search's reply is held back until the second one has been shown: the page keeps the second."""
     url, _, _ = site

@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { file: null, photoId: null, name: "", img: null, size: null, box: null, point: null, parts: null, drag: null,
-                queryObject: null, boxMode: false, maxK: 1000, view: "browse", shown: 0 };
+                queryObject: null, boxMode: false, maxK: 1000, view: "browse", shown: 0, part: null, like: [], unlike: [] };
 const canvas = $("canvas");
 const ctx = canvas.getContext("2d");
 const PAGE = 60;  // photos per browse page
@@ -149,7 +149,7 @@ function showImage(img, size) {
 
 function newQuery(name) {
   if (inflight) inflight.abort();  // a reply for the previous query must not land on this one
-  state.box = null; state.point = null; state.parts = null; state.queryObject = null; state.img = null;
+  state.box = null; state.point = null; state.parts = null; state.queryObject = null; state.img = null; state.part = null;
   $("box").value = ""; $("query-name").textContent = name; $("query-name").title = name;
   say("");
   canvas.width = 480; canvas.height = 320;  // blank until the new photo shows: never the previous one
@@ -172,9 +172,12 @@ function setFile(file) {
   search();
 }
 
-function setPhoto(id, name, { refocus = false } = {}) {
+function setPhoto(id, name, { refocus = false, part = null, box = null, objects = null } = {}) {
   state.file = null; state.photoId = id;
   newQuery(name || `photo ${id}`);
+  state.part = part;
+  if (box) { state.box = box; $("box").value = box.join(","); }
+  if (objects !== null) { $("objects").checked = objects; $("objects-help").hidden = !objects; }
   loadImage(`/photos/${id}`);
   $("query").scrollIntoView({ block: "start" });  // on a phone the query is above the results
   search({ refocus: refocus ? id : null });
@@ -202,6 +205,9 @@ function params() {
   const p = filterParams();
   p.set("k", clampK());
   if (state.box) p.set("box", state.box.map(Math.round).join(","));
+  else if (state.part !== null) { p.set("part", state.part.n); p.set("parts_k", state.part.k); }
+  for (const e of state.like) p.append("like", e.id);
+  for (const e of state.unlike) p.append("unlike", e.id);
   if ($("objects").checked) {
     p.set("objects", "true");
     if (state.point) p.set("point", state.point.map(Math.round).join(","));
@@ -296,7 +302,12 @@ function tile(r) {
     const score = document.createElement("span"); score.textContent = r.score.toFixed(3);
     meta.append(score);
   }
-  btn.append(wrap, meta); li.append(btn);
+  btn.append(wrap, meta);
+  const info = document.createElement("button");
+  info.type = "button"; info.className = "info"; info.textContent = "i";
+  info.setAttribute("aria-label", `details of ${r.path}`);
+  info.addEventListener("click", () => openDetail(r));
+  li.append(btn, info);
   return li;
 }
 
@@ -371,7 +382,7 @@ $("controls").addEventListener("submit", (ev) => {
   if (v) {
     const b = parseBox(v);
     if (typeof b === "string") { showError(b); return; }
-    state.box = b; state.point = null;
+    state.box = b; state.point = null; state.part = null;
   } else state.box = null;
   draw(); search();
 });
@@ -385,7 +396,7 @@ $("objects").addEventListener("change", () => {
   state.point = null; state.queryObject = null; draw();
   if (state.file || state.photoId) search();
 });
-$("clear").addEventListener("click", () => { state.box = null; state.point = null; $("box").value = ""; draw(); search(); });
+$("clear").addEventListener("click", () => { state.box = null; state.point = null; state.part = null; $("box").value = ""; draw(); search(); });
 $("show-parts").addEventListener("change", () => { if ($("show-parts").checked) loadParts(); else draw(); });
 $("parts-k").addEventListener("change", () => { if ($("show-parts").checked) loadParts(); });
 $("file").addEventListener("change", (ev) => setFile(ev.target.files[0]));
@@ -397,6 +408,154 @@ const drop = $("drop");
 drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (ev) => { ev.preventDefault(); drop.classList.remove("over"); setFile(ev.dataTransfer.files[0]); });
+
+// -- the detail view: the photo large, its metadata, tags, parts (each a region query), objects, duplicates;
+// for a result its match box and heat map (toggleable) and its score
+
+const detail = { photo: null, parts: null, objects: [] };
+
+function overlay() {
+  const img = $("detail-img"), c = $("detail-overlay"), r = detail.photo;
+  if (!r || !img.naturalWidth) return;
+  c.width = img.naturalWidth; c.height = img.naturalHeight;
+  const g = c.getContext("2d");
+  g.clearRect(0, 0, c.width, c.height);
+  if ($("detail-parts").checked && detail.parts) {
+    const n = detail.parts.grid, cw = c.width / n, ch = c.height / n;
+    detail.parts.labels.forEach((row, y) => row.forEach((lab, x) => { g.fillStyle = palette(lab); g.fillRect(x * cw, y * ch, cw + 0.5, ch + 0.5); }));
+  }
+  if ($("detail-match").checked && r.heat) {  // best match per cell, scaled from the photo's weakest to its strongest cell
+    const n = r.heat.length, flat = r.heat.flat(), lo = Math.min(...flat), hi = Math.max(...flat), cw = c.width / n, ch = c.height / n;
+    r.heat.forEach((row, y) => row.forEach((v, x) => {
+      g.fillStyle = `rgba(255, 60, 0, ${(0.6 * (v - lo) / (hi - lo || 1)).toFixed(3)})`;
+      g.fillRect(x * cw, y * ch, cw + 0.5, ch + 0.5);
+    }));
+  }
+  const sx = c.width / (r.width || c.width);
+  if ($("detail-match").checked && r.box) {
+    g.lineWidth = Math.max(3, c.width / 200); g.strokeStyle = "#ff2d2d";
+    g.strokeRect(r.box[0] * sx, r.box[1] * sx, (r.box[2] - r.box[0]) * sx, (r.box[3] - r.box[1]) * sx);
+  }
+  if (detail.hover) {
+    const b = detail.hover.box;
+    g.lineWidth = Math.max(3, c.width / 200); g.strokeStyle = "#1ec85a";
+    g.strokeRect(b[0] * sx, b[1] * sx, (b[2] - b[0]) * sx, (b[3] - b[1]) * sx);
+  }
+}
+
+function chipButton(text, label, onClick, onFocus) {
+  const b = document.createElement("button");
+  b.type = "button"; b.textContent = text;
+  if (label) b.setAttribute("aria-label", label);
+  b.addEventListener("click", onClick);
+  if (onFocus) { b.addEventListener("focus", onFocus); b.addEventListener("mouseenter", onFocus); }
+  return b;
+}
+
+async function openDetail(r) {
+  detail.photo = r; detail.parts = null; detail.objects = []; detail.hover = null;
+  $("detail-name").textContent = r.path;
+  $("detail-score").textContent = r.score !== undefined ? `Score ${r.score.toFixed(3)} against the query` : "";
+  $("detail-match-label").hidden = !(r.box || r.heat);
+  $("detail-parts").checked = false;
+  $("detail-part-list").replaceChildren();
+  $("detail-meta").replaceChildren(); $("detail-objects").replaceChildren(); $("detail-dups").replaceChildren();
+  const img = $("detail-img");
+  img.onload = overlay;
+  img.src = `/photos/${r.id}`;
+  img.alt = r.path;
+  if (!$("detail").open) $("detail").showModal();
+  const [info, objects, dups] = await Promise.allSettled([
+    api(`/photos/${r.id}/info`), api(`/photos/${r.id}/objects`), api(`/photos/${r.id}/duplicates`)]);
+  if (detail.photo !== r) return;  // another photo was opened meanwhile
+  const dl = $("detail-meta");
+  if (info.status === "fulfilled") {
+    const m = info.value, place = m.lat !== null && m.lon !== null ? `${m.lat.toFixed(5)}, ${m.lon.toFixed(5)}` : null;
+    r.width = r.width || m.width; r.height = r.height || m.height;
+    for (const [k, v] of [["File", m.path], ["Size", m.width && `${m.width} × ${m.height} pixels`],
+                          ["Taken", m.taken && `${m.taken.replace("T", " ")}${m.taken_source ? ` (${m.taken_source})` : ""}`],
+                          ["Camera", [m.make, m.model].filter(Boolean).join(" ")], ["Place", place],
+                          ["Tags", m.tags.map((t) => `${t.label} ${Math.round(100 * t.prob)}%`).join(", ")]]) {
+      if (!v) continue;
+      const dt = document.createElement("dt"), dd = document.createElement("dd");
+      dt.textContent = k; dd.textContent = v; dl.append(dt, dd);
+    }
+  } else dl.textContent = info.reason.message;
+  const objs = objects.status === "fulfilled" ? objects.value : [];
+  detail.objects = objs;
+  $("detail-objects").replaceChildren(...(objs.length ? objs.map((o, i) => chipButton(`object ${i + 1}`,
+    `search photos holding object ${i + 1} of this photo`, () => { closeDetail(); setPhoto(r.id, r.path, { box: o.box, objects: true }); },
+    () => { detail.hover = o; overlay(); })) : [document.createTextNode("none stored")]));
+  const ds = dups.status === "fulfilled" ? dups.value.duplicates : [];
+  $("detail-dups").replaceChildren(...(ds.length ? ds.map((d) => {
+    const li = document.createElement("li");
+    li.append(chipButton(`${d.path} — ${d.kind} ${d.score.toFixed(2)}`, `open ${d.path}, ${d.kind} copy`, () => openDetail(d)));
+    return li;
+  }) : [Object.assign(document.createElement("li"), { textContent: "none found" })]));
+}
+
+function closeDetail() { if ($("detail").open) $("detail").close(); }
+
+async function detailParts() {
+  const r = detail.photo;
+  if ($("detail-parts").checked && !detail.parts) {
+    try { detail.parts = await api(`/photos/${r.id}/parts?k=5`); } catch (e) { say(e.message); return; }
+    if (detail.photo !== r) return;
+    const n = detail.parts.k;
+    $("detail-part-list").replaceChildren(...Array.from({ length: n }, (_, i) => {
+      const b = chipButton(`part ${i + 1}`, `search photos containing part ${i + 1} of this photo`, () => { closeDetail(); setPhoto(r.id, r.path, { part: { n: i, k: n } }); });
+      b.style.borderLeft = `8px solid ${palette(i).replace("0.45", "1")}`;
+      return b;
+    }));
+  }
+  $("detail-part-list").hidden = !$("detail-parts").checked;
+  overlay();
+}
+
+$("detail-overlay").addEventListener("click", (ev) => {  // a click on a part: that part as a region query
+  const r = detail.photo;
+  if (!$("detail-parts").checked || !detail.parts) return;
+  const rect = ev.target.getBoundingClientRect(), n = detail.parts.grid;
+  const x = Math.min(n - 1, Math.floor((ev.clientX - rect.left) / rect.width * n)), y = Math.min(n - 1, Math.floor((ev.clientY - rect.top) / rect.height * n));
+  const part = detail.parts.labels[y][x];
+  closeDetail(); setPhoto(r.id, r.path, { part: { n: part, k: detail.parts.k } });
+});
+$("detail-close").addEventListener("click", closeDetail);
+$("detail").addEventListener("click", (ev) => { if (ev.target === $("detail")) closeDetail(); });  // the backdrop
+$("detail-match").addEventListener("change", overlay);
+$("detail-parts").addEventListener("change", detailParts);
+$("detail-similar").addEventListener("click", () => { const r = detail.photo; closeDetail(); setPhoto(r.id, r.path); });
+$("detail-like").addEventListener("click", () => { steer("like", detail.photo); closeDetail(); });
+$("detail-unlike").addEventListener("click", () => { steer("unlike", detail.photo); closeDetail(); });
+
+// -- steering: photos wanted and not wanted, shown as a tray; the results follow every change
+
+function steer(kind, r) {
+  const other = kind === "like" ? "unlike" : "like";
+  state[other] = state[other].filter((e) => e.id !== r.id);
+  if (!state[kind].some((e) => e.id === r.id)) state[kind].push({ id: r.id, name: r.path });
+  if (!state.file && !state.photoId) {  // nothing to steer yet: the first wanted photo becomes the query
+    if (kind === "unlike") { renderTray(); return; }
+    state.like = state.like.filter((e) => e.id !== r.id);
+    renderTray(); setPhoto(r.id, r.path); return;
+  }
+  renderTray(); search();
+}
+
+function renderTray() {
+  for (const kind of ["like", "unlike"]) {
+    $(`tray-${kind}`).replaceChildren(...state[kind].map((e) => {
+      const li = document.createElement("li");
+      li.className = kind;
+      li.append(chipButton(`${kind === "like" ? "+" : "−"} ${e.name} ✕`, `remove ${e.name} from ${kind === "like" ? "more" : "less"} like`, () => {
+        state[kind] = state[kind].filter((x) => x.id !== e.id); renderTray(); refresh();
+      }));
+      return li;
+    }));
+  }
+  $("tray").hidden = !state.like.length && !state.unlike.length;
+}
+$("tray-clear").addEventListener("click", () => { state.like = []; state.unlike = []; renderTray(); refresh(); });
 
 // -- index jobs: one at a time from the page, followed stage by stage; a job already running is followed on load
 
