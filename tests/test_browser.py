@@ -1,7 +1,7 @@
 """Against a live server on loopback: the web page in a real browser (Debian's headless chromium driven by
 Playwright), and raw-socket behaviour.
 
-One server (on a 48-photo index of the tiny model) and one browser serve the page tests of this module; each test
+One server (on a 50-photo index of the tiny model) and one browser serve the page tests of this module; each test
 opens its own page (desktop, phone with touch). Screenshots of each view go to test-artifacts/.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, live_server, sample_photos
+from PIL import Image
 
 from api.app import create_app
 from api.settings import Settings
@@ -38,13 +39,17 @@ def require_chromium() -> None:
 
 @pytest.fixture(scope="module")
 def site(embedder, tiny_model, tmp_path_factory):
-    """(base url, photo folder, a spare folder for an index job) of one live server for the module."""
+    """(base url, photo folder, a spare folder for an index job) of one live server for the module: 50 photos, one
+    group of duplicates among them."""
     require_chromium()
     tmp = tmp_path_factory.mktemp("page")
     photos = tmp / "photos"
     (photos / "sub").mkdir(parents=True)
     for i, p in enumerate(sample_photos(2)):
         shutil.copy(p, photos / ("sub" if i % 3 == 0 else "") / p.name)
+    src = sorted(photos.glob("*.jpg"))[4]  # a duplicate group: the photo, an exact copy and a mirrored one
+    shutil.copy(src, photos / "copy_of_it.jpg")
+    Image.open(src).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "mirrored.jpg", quality=80)
     spare = tmp / "spare"
     spare.mkdir()
     for p in sample_photos(3)[2::3][:6]:  # six photos the index does not hold yet
@@ -97,9 +102,9 @@ def test_browse_then_upload_then_draw_a_box(site, browser):
     url, photos, _ = site
     query = sorted(photos.rglob("*.jpg"))[9]
     page = open_page(browser, url)
-    page.wait_for_function("document.getElementById('stats').textContent.includes('48 photos')")
+    page.wait_for_function("document.getElementById('stats').textContent.includes('50 photos')")
     page.wait_for_function("[...document.querySelectorAll('#results img')].slice(0, 12).every(i => i.complete && i.naturalWidth > 0)")
-    assert page.locator("#results li.result").count() == 48 and "(48)" in page.text_content("#mode")
+    assert page.locator("#results li.result").count() == 50 and "(50)" in page.text_content("#mode")
     # justified rows: every full row fills the list's width (tiles grow with their photo's aspect), none overflows
     rows = page.evaluate("""() => {
       const ol = document.getElementById('results').getBoundingClientRect(), rows = {};
@@ -117,7 +122,7 @@ def test_browse_then_upload_then_draw_a_box(site, browser):
     # sort by folder (path): the order changes, and a filter narrows the view
     with page.expect_response(lambda r: "/photos?" in r.url and "sort=path" in r.url):
         page.select_option("#sort", "path")
-    wait_results(page, "(48)")
+    wait_results(page, "(50)")
     want = page.evaluate("fetch('/photos?sort=path&order=desc&limit=100').then(r => r.json()).then(p => p.photos.map(x => x.path))")
     assert names(page) == want != sorted(want)  # newest first = folder path descending (sub/ first)
 
@@ -158,7 +163,7 @@ def test_browse_then_upload_then_draw_a_box(site, browser):
     with page.expect_response(lambda r: "/similar" in r.url and r.status == 200):
         page.locator("#results button.hit").nth(1).click()
     page.click("#browse-all")
-    wait_results(page, "(48)")
+    wait_results(page, "(50)")
     page.close()
 
 
@@ -211,6 +216,39 @@ def test_detail_view_parts_match_heat_map_and_steering(site, browser):
     with page.expect_response(lambda r: "/similar" in r.url and "unlike" not in r.url and r.status == 200):
         page.locator("#tray-unlike button").first.click()
     assert not page.is_visible("#tray")
+    page.close()
+
+
+def test_duplicates_review_choose_a_keeper_and_export(site, browser):
+    import json
+
+    url, _, _ = site
+    page = open_page(browser, url)
+    page.click("#review-dups")
+    wait_results(page, "groups")
+    group = page.locator("#groups li.group", has_text="copy_of_it.jpg")
+    members = group.locator("figure.member")
+    assert members.count() == 3 and group.locator("h3").text_content().endswith(("exact copies", "edited copies"))
+    kept = group.locator("figure.member.kept")
+    assert kept.count() == 1 and "suggested keeper" in kept.text_content()
+    mirrored = group.locator("figure.member", has_text="mirrored.jpg")
+    assert "edited" in mirrored.text_content() and "score" in mirrored.text_content()
+    audit(page, "duplicates")
+    page.screenshot(path=str(ARTIFACTS / "duplicates.png"), full_page=True)
+    # choose another keeper with the keyboard, then export: the old keeper is now a copy
+    old_keeper = kept.locator("figcaption span").first.text_content()
+    mirrored.locator("input[type=radio]").focus()
+    page.keyboard.press("Space")
+    assert "mirrored.jpg" in group.locator("figure.member.kept").text_content()
+    with page.expect_download() as dl:
+        page.click("#dup-export")
+    groups = json.loads(Path(dl.value.path()).read_text())
+    mine = next(g for g in groups if any(c["path"] == "copy_of_it.jpg" for c in g["copies"]) or g["keep"]["path"] == "copy_of_it.jpg")
+    assert mine["keep"]["path"] == "mirrored.jpg"
+    assert sorted(c["path"] for c in mine["copies"]) == sorted(["copy_of_it.jpg", old_keeper])
+    page.click("#browse-all")
+    wait_results(page, "(50)")
+    assert page.is_hidden("#groups") and page.is_visible("#results")
     page.close()
 
 
@@ -309,7 +347,6 @@ def test_phone_swipes_scroll_box_mode_draws(site, browser):
     assert page.evaluate("document.querySelector('#results button.hit').getBoundingClientRect().height") >= 44
 
     # a portrait query does not fill the screen
-    from PIL import Image
     portrait = photos.parent / "portrait.jpg"
     Image.open(sorted(photos.rglob("*.jpg"))[2]).convert("RGB").resize((300, 600)).save(portrait)
     page.set_input_files("#file", str(portrait))
@@ -408,8 +445,8 @@ def test_index_job_one_at_a_time_with_its_stages(site, browser):
     assert page.text_content("#job-status") == "Done: 6 photos indexed."
     assert page.evaluate("fetch('/index/jobs').then(r => r.json()).then(j => j.length)") == 1
     assert page.is_enabled("#index-go") and not page.is_visible("#job-cancel")
-    page.wait_for_function("document.getElementById('stats').textContent.includes('54 photos')")
-    page.wait_for_function("document.getElementById('mode').textContent.includes('(54)')")
+    page.wait_for_function("document.getElementById('stats').textContent.includes('56 photos')")
+    page.wait_for_function("document.getElementById('mode').textContent.includes('(56)')")
     page.screenshot(path=str(ARTIFACTS / "9-job-done.png"))
     page.close()
 

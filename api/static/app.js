@@ -96,6 +96,7 @@ function clearError() { $("error").hidden = true; $("error").textContent = ""; }
 // -- the query photo on its canvas
 
 function draw() {
+  canvas.hidden = !state.img;  // no empty frame before a photo shows
   if (!state.img) { ctx.clearRect(0, 0, canvas.width, canvas.height); return; }
   ctx.drawImage(state.img, 0, 0, canvas.width, canvas.height);
   if ($("show-parts").checked && state.parts) {
@@ -226,10 +227,10 @@ function search({ refocus = null } = {}) {
       res = await api(url, { method: "POST", body: form, signal });
     }
     if (!current()) return;
+    showView("search");
     if (!state.img) state.size = res.query_size;
     state.queryObject = res.query_object || null;
     draw();
-    state.view = "search";
     $("view-title").textContent = "Results";
     $("mode").textContent = { region: "(photos containing the region)", objects: "(photos holding a like object)",
                               feedback: "(steered)" }[res.mode] || "(similar photos)";
@@ -253,7 +254,7 @@ function browse({ append = false } = {}) {
   return latest(async (signal, current) => {
     const page = await api(`/photos?${p}`, { signal });
     if (!current()) return;
-    state.view = "browse";
+    showView("browse");
     $("view-title").textContent = "Your photos";
     $("mode").textContent = `(${page.total})`;
     $("browse-all").hidden = true;
@@ -263,6 +264,14 @@ function browse({ append = false } = {}) {
     $("more").hidden = state.shown >= page.total;
     if (!page.total) showError("No photo passes these filters.");
   });
+}
+
+function showView(view) {
+  state.view = view;
+  const dups = view === "duplicates";
+  $("results").hidden = dups; $("filters").hidden = dups; $("groups").hidden = !dups; $("dup-bar").hidden = !dups;
+  $("review-dups").hidden = dups;
+  if (dups) { $("more").hidden = true; $("browse-all").hidden = false; }
 }
 
 function refresh() { return state.view === "search" && (state.file || state.photoId) ? search() : browse(); }
@@ -557,6 +566,84 @@ function renderTray() {
 }
 $("tray-clear").addEventListener("click", () => { state.like = []; state.unlike = []; renderTray(); refresh(); });
 
+// -- duplicates review: groups side by side, what differs, the suggested keeper marked, another can be chosen,
+// and the list of copies (everything but each group's keeper) exported as JSON
+
+const kb = (n) => n >= 2 ** 20 ? `${(n / 2 ** 20).toFixed(1)} MB` : `${Math.round(n / 1024)} KB`;
+const format = (name) => (name.split(".").pop() || "").toUpperCase();
+
+function reviewDuplicates() {
+  const kind = $("dup-kind").value;
+  return latest(async (signal, current) => {
+    const page = await api(`/duplicates?limit=100${kind ? `&kind=${kind}` : ""}`, { signal });
+    if (!current()) return;
+    showView("duplicates");
+    clearError();
+    $("view-title").textContent = "Duplicates";
+    $("mode").textContent = `(${page.total} groups)`;
+    state.groups = page.groups.map((g) => ({ ...g, chosen: g.keep }));
+    $("groups").replaceChildren(...state.groups.map(groupView));
+    if (!page.total) showError("No duplicates found.");
+  });
+}
+
+function groupView(g, n) {
+  const li = document.createElement("li");
+  li.className = "group";
+  const head = document.createElement("h3");
+  head.textContent = `Group ${n + 1}: ${{ exact: "exact copies", edited: "edited copies", similar: "similar shots" }[g.kind] || g.kind}`;
+  const why = document.createElement("p");
+  why.className = "hint"; why.textContent = g.reasons.length ? `Suggested keeper: ${g.reasons.join("; ")}` : "";
+  const row = document.createElement("div");
+  row.className = "members"; row.setAttribute("role", "radiogroup"); row.setAttribute("aria-label", `photo to keep in group ${n + 1}`);
+  const keeper = g.photos.find((p) => p.id === g.keep) || g.photos[0];
+  for (const p of g.photos) {
+    const fig = document.createElement("figure");
+    fig.className = "member" + (p.id === g.chosen ? " kept" : "");
+    const img = document.createElement("img");
+    img.src = `/photos/${p.id}/thumb?size=320`; img.alt = p.path; img.loading = "lazy";
+    const cap = document.createElement("figcaption");
+    const diff = [p.width !== keeper.width || p.height !== keeper.height ? "size differs" : "",
+                  p.bytes !== keeper.bytes ? `${p.bytes > keeper.bytes ? "+" : "−"}${kb(Math.abs(p.bytes - keeper.bytes))}` : "",
+                  format(p.path) !== format(keeper.path) ? "format differs" : ""].filter(Boolean).join(", ");
+    for (const line of [p.path, `${p.width} × ${p.height} · ${kb(p.bytes)} · ${format(p.path)}`,
+                        p.id === g.keep ? "suggested keeper" : `${p.relation}${p.transform && p.transform !== "none" ? `, ${p.transform}` : ""} · score ${p.score.toFixed(2)}${diff ? ` · ${diff}` : ""}`,
+                        p.present ? "" : "file gone or changed since indexing"]) {
+      if (!line) continue;
+      const span = document.createElement("span"); span.textContent = line; cap.append(span);
+    }
+    const pick = document.createElement("label");
+    pick.className = "keep";
+    const radio = document.createElement("input");
+    radio.type = "radio"; radio.name = `keep-${n}`; radio.value = p.id; radio.checked = p.id === g.chosen; radio.disabled = !p.present;
+    radio.addEventListener("change", () => {
+      g.chosen = p.id;
+      row.querySelectorAll(".member").forEach((m) => m.classList.toggle("kept", m.contains(radio)));
+    });
+    pick.append(radio, " keep this one");
+    fig.append(img, cap, pick);
+    row.append(fig);
+  }
+  li.append(head, why, row);
+  return li;
+}
+
+function exportCopies() {
+  const list = (state.groups || []).map((g) => {
+    const keep = g.photos.find((p) => p.id === g.chosen);
+    return { kind: g.kind, keep: keep && { id: keep.id, path: keep.path },
+             copies: g.photos.filter((p) => p.id !== g.chosen).map((p) => ({ id: p.id, path: p.path, relation: p.relation, score: p.score })) };
+  });
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(new Blob([JSON.stringify(list, null, 2)], { type: "application/json" }));
+  a.download = "dinosearch-duplicates.json";
+  document.body.append(a); a.click(); a.remove();
+}
+
+$("review-dups").addEventListener("click", () => reviewDuplicates());
+$("dup-kind").addEventListener("change", () => reviewDuplicates());
+$("dup-export").addEventListener("click", exportCopies);
+
 // -- index jobs: one at a time from the page, followed stage by stage; a job already running is followed on load
 
 const LIVE = ["queued", "running", "cancelling"];
@@ -631,6 +718,7 @@ async function loadStats() {
 }
 
 async function start() {
+  draw();
   await loadStats();
   if (!state.file && !state.photoId) browse();
   try {
