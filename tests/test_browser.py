@@ -286,7 +286,8 @@ def test_a_slow_old_reply_never_replaces_a_newer_one(site, browser):
 def test_busy_at_once_and_errors_as_one_sentence(site, browser):
     url, photos, _ = site
     page = open_page(browser, url)
-    page.route("**/search?*", lambda route: (time.sleep(0.4), route.continue_()))
+    held = []
+    page.route("**/search?*", lambda route: held.append(route) if not held else route.continue_())
     # the busy state comes within 100 ms of choosing the file (measured inside the page)
     page.evaluate("""() => {
       window.t = {};
@@ -298,8 +299,10 @@ def test_busy_at_once_and_errors_as_one_sentence(site, browser):
     page.wait_for_function("window.t.busy !== undefined")
     t = page.evaluate("window.t")
     assert t["busy"] - t["change"] < 100
+    assert len(held) == 1  # the reply is held back: the page is busy meanwhile
     assert page.get_attribute("#go", "aria-disabled") == "true" and page.is_visible("#spinner")
     assert float(page.evaluate("getComputedStyle(document.getElementById('results')).opacity")) < 1
+    held[0].continue_()
     wait_results(page, "similar")
     assert page.get_attribute("#go", "aria-disabled") == "false" and not page.is_visible("#spinner")
 
@@ -420,8 +423,17 @@ def test_keyboard_only(site, browser):
     }""")
     assert ring == {"style": "solid", "width": 3, "clipped": False}
     page.screenshot(path=str(ARTIFACTS / "8-keyboard-focus.png"))
-    # Enter again on the next photo: the same, and a box typed with the keyboard searches the region
+    # its details with the keyboard: Tab reaches its "i" button, Enter opens the detail view, Escape closes it
     page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.classList.contains('info')")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#detail[open]")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#detail:not([open])", state="attached")
+    assert page.evaluate("document.activeElement.classList.contains('info')")  # focus back where it was
+    # Enter on the next photo: the same, and a box typed with the keyboard searches the region
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.classList.contains('hit')")
     page.keyboard.press("Enter")
     wait_results(page, "similar")
     assert page.evaluate("document.activeElement.classList.contains('hit')")

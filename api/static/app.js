@@ -473,7 +473,7 @@ async function openDetail(r) {
   img.onload = overlay;
   img.src = `/photos/${r.id}`;
   img.alt = r.path;
-  if (!$("detail").open) $("detail").showModal();
+  if (!$("detail").open) { detail.opener = document.activeElement; $("detail").showModal(); }
   const [info, objects, dups] = await Promise.allSettled([
     api(`/photos/${r.id}/info`), api(`/photos/${r.id}/objects`), api(`/photos/${r.id}/duplicates`)]);
   if (detail.photo !== r) return;  // another photo was opened meanwhile
@@ -530,6 +530,9 @@ $("detail-overlay").addEventListener("click", (ev) => {  // a click on a part: t
   closeDetail(); setPhoto(r.id, r.path, { part: { n: part, k: detail.parts.k } });
 });
 $("detail-close").addEventListener("click", closeDetail);
+$("detail").addEventListener("close", () => {  // keyboard: back on the button that opened it
+  if (detail.opener && detail.opener.isConnected) detail.opener.focus({ preventScroll: true });
+});
 $("detail").addEventListener("click", (ev) => { if (ev.target === $("detail")) closeDetail(); });  // the backdrop
 $("detail-match").addEventListener("change", overlay);
 $("detail-parts").addEventListener("change", detailParts);
@@ -686,7 +689,7 @@ async function followJob(id) {
 
 $("job-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
-  if (following !== null) return;
+  if (following !== null || $("index-go").disabled) return;  // one job at a time from the page
   $("index-go").disabled = true;
   try {
     const job = await api("/index/jobs", {
