@@ -7,7 +7,7 @@ const state = { file: null, photoId: null, name: "", img: null, size: null, box:
                 queryObject: null, boxMode: false, maxK: 1000, view: "browse", shown: 0, part: null, like: [], unlike: [] };
 const canvas = $("canvas");
 const ctx = canvas.getContext("2d");
-const PAGE = 60;  // photos per browse page
+const PAGE = 40;  // photos per browse page ("Show more" adds the next)
 
 function palette(i) {
   const h = (i * 0.618034) % 1;
