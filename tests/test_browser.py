@@ -203,6 +203,7 @@ def test_detail_view_parts_match_heat_map_and_steering(site, browser):
             "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0; " \
             "for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n / (c.width * c.height); })()"
     page.wait_for_function(f"{drawn} > 0.2")  # the heat map covers the photo
+    page.wait_for_function("document.getElementById('detail-meta').textContent.includes('pixels')")
     page.screenshot(path=str(ARTIFACTS / "detail-match.png"))
     page.uncheck("#detail-match")
     assert page.evaluate(drawn) == 0

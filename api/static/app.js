@@ -14,6 +14,18 @@ function palette(i) {
   return `hsla(${Math.round(h * 360)}, 85%, 50%, 0.45)`;
 }
 
+// a grid of cells (parts labels, heat values) drawn over a w x h canvas: one pixel per cell, scaled up (smoothly
+// for a heat map), so neighbouring cells leave no seams
+function drawGrid(g, rows, w, h, colour, smooth) {
+  const n = rows.length, c = document.createElement("canvas");
+  c.width = rows[0].length; c.height = n;
+  const cg = c.getContext("2d");
+  rows.forEach((row, y) => row.forEach((v, x) => { cg.fillStyle = colour(v); cg.fillRect(x, y, 1, 1); }));
+  g.imageSmoothingEnabled = smooth;
+  g.drawImage(c, 0, 0, w, h);
+  g.imageSmoothingEnabled = true;
+}
+
 function say(text) { $("message").textContent = text || ""; }
 
 // -- talking to the server: every failure becomes one sentence a person can act on
@@ -99,13 +111,7 @@ function draw() {
   canvas.hidden = !state.img;  // no empty frame before a photo shows
   if (!state.img) { ctx.clearRect(0, 0, canvas.width, canvas.height); return; }
   ctx.drawImage(state.img, 0, 0, canvas.width, canvas.height);
-  if ($("show-parts").checked && state.parts) {
-    const g = state.parts.grid, cw = canvas.width / g, ch = canvas.height / g;
-    state.parts.labels.forEach((row, r) => row.forEach((lab, c) => {
-      ctx.fillStyle = palette(lab);
-      ctx.fillRect(c * cw, r * ch, cw + 0.5, ch + 0.5);
-    }));
-  }
+  if ($("show-parts").checked && state.parts) drawGrid(ctx, state.parts.labels, canvas.width, canvas.height, palette, false);
   const s = canvas.width / state.size[0];
   if (state.queryObject && !state.drag) {  // the object SAM found in the query: its mask and box
     const o = state.queryObject;
@@ -429,16 +435,10 @@ function overlay() {
   c.width = img.naturalWidth; c.height = img.naturalHeight;
   const g = c.getContext("2d");
   g.clearRect(0, 0, c.width, c.height);
-  if ($("detail-parts").checked && detail.parts) {
-    const n = detail.parts.grid, cw = c.width / n, ch = c.height / n;
-    detail.parts.labels.forEach((row, y) => row.forEach((lab, x) => { g.fillStyle = palette(lab); g.fillRect(x * cw, y * ch, cw + 0.5, ch + 0.5); }));
-  }
+  if ($("detail-parts").checked && detail.parts) drawGrid(g, detail.parts.labels, c.width, c.height, palette, false);
   if ($("detail-match").checked && r.heat) {  // best match per cell, scaled from the photo's weakest to its strongest cell
-    const n = r.heat.length, flat = r.heat.flat(), lo = Math.min(...flat), hi = Math.max(...flat), cw = c.width / n, ch = c.height / n;
-    r.heat.forEach((row, y) => row.forEach((v, x) => {
-      g.fillStyle = `rgba(255, 60, 0, ${(0.6 * (v - lo) / (hi - lo || 1)).toFixed(3)})`;
-      g.fillRect(x * cw, y * ch, cw + 0.5, ch + 0.5);
-    }));
+    const flat = r.heat.flat(), lo = Math.min(...flat), hi = Math.max(...flat);
+    drawGrid(g, r.heat, c.width, c.height, (v) => `rgba(255, 60, 0, ${(0.6 * (v - lo) / (hi - lo || 1)).toFixed(3)})`, true);
   }
   const sx = c.width / (r.width || c.width);
   if ($("detail-match").checked && r.box) {
