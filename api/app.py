@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import schemas
 from api.duplicate_routes import router as duplicates_router
+from api.duplicate_routes import write_router as duplicates_write_router
 from api.files import PhotoGone, read_indexed
 from api.service import (
     BadFolder,
@@ -440,6 +441,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         return [job_out(j) for j in svc.jobs.values()]
 
     app.include_router(duplicates_router)
+    app.include_router(duplicates_write_router, dependencies=[Depends(require_token)])
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -180,3 +180,32 @@ class PhotoDuplicate(BaseModel):
 class PhotoDuplicates(BaseModel):
     id: int
     duplicates: list[PhotoDuplicate]
+
+
+class MoveGroup(BaseModel):
+    keep: int = Field(description="the photo to keep (a member of the group, still on disk)")
+    photos: list[int] = Field(min_length=2, max_length=10_000, description="the group's photos as reviewed: all but keep are moved")
+
+
+class MoveRequest(BaseModel):
+    folder: str = Field(min_length=1, max_length=4096, description="an existing folder on the server's disk (absolute; "
+                                                                   "below --allowed-root if the server has any)")
+    groups: list[MoveGroup] = Field(min_length=1, max_length=10_000)
+    apply: bool = Field(False, description="false: a dry run that lists what would move")
+
+
+class MoveOut(BaseModel):
+    source: str = Field(description="the file's name")
+    to: str = Field(description="where it goes, relative to the folder (group-NNNN/name)")
+
+
+class MoveError(BaseModel):
+    path: str
+    reason: str
+
+
+class MoveResponse(BaseModel):
+    applied: bool
+    moved: list[MoveOut]
+    errors: list[MoveError]
+    manifest: str | None = Field(None, description="the manifest's name in the folder (undo: dinosearch duplicates IDX --undo)")
