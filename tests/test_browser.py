@@ -227,7 +227,7 @@ def test_detail_view_parts_match_heat_map_and_steering(site, browser):
 def test_duplicates_review_choose_a_keeper_and_export(site, browser):
     import json
 
-    url, _, _ = site
+    url, photos, _ = site
     page = open_page(browser, url)
     page.click("#review-dups")
     wait_results(page, "groups")
@@ -251,6 +251,25 @@ def test_duplicates_review_choose_a_keeper_and_export(site, browser):
     mine = next(g for g in groups if any(c["path"] == "copy_of_it.jpg" for c in g["copies"]) or g["keep"]["path"] == "copy_of_it.jpg")
     assert mine["keep"]["path"] == "mirrored.jpg"
     assert sorted(c["path"] for c in mine["copies"]) == sorted(["copy_of_it.jpg", old_keeper])
+
+    # move the copies through the API (token): a preview first, then the files really move (put back afterwards)
+    from search.duplicates import undo_moves
+
+    out = photos.parent / "moved"
+    out.mkdir()
+    page.fill("#dup-folder", str(out))
+    page.fill("#dup-token", TOKEN)
+    assert page.is_disabled("#dup-move")
+    page.click("#dup-preview")
+    page.wait_for_function("document.getElementById('dup-status').textContent.includes('would move')")
+    assert "copy_of_it.jpg → group-" in page.text_content("#dup-status") and not list(out.iterdir())
+    page.click("#dup-move")
+    page.wait_for_function("document.getElementById('dup-status').textContent.startsWith('Moved')")
+    moved = sorted(p.name for p in out.glob("group-*/*"))
+    assert not (photos / "copy_of_it.jpg").exists() and (photos / "mirrored.jpg").exists()
+    assert {"copy_of_it.jpg", old_keeper} <= set(moved) and "mirrored.jpg" not in moved  # every shown group's copies
+    assert len(undo_moves(next(out.glob("dinosearch-moves-*.jsonl"))).moved) == len(moved)
+    assert (photos / "copy_of_it.jpg").exists()
     page.click("#browse-all")
     wait_results(page, "(50)")
     assert page.is_hidden("#groups") and page.is_visible("#results")

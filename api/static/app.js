@@ -620,7 +620,7 @@ function groupView(g, n) {
     const radio = document.createElement("input");
     radio.type = "radio"; radio.name = `keep-${n}`; radio.value = p.id; radio.checked = p.id === g.chosen; radio.disabled = !p.present;
     radio.addEventListener("change", () => {
-      g.chosen = p.id;
+      g.chosen = p.id; $("dup-move").disabled = true;
       row.querySelectorAll(".member").forEach((m) => m.classList.toggle("kept", m.contains(radio)));
     });
     pick.append(radio, " keep this one");
@@ -643,6 +643,31 @@ function exportCopies() {
   document.body.append(a); a.click(); a.remove();
 }
 
+// moves go through POST /duplicates/move (token): a dry run first, then the same groups for real
+function moveBody(apply) {
+  return JSON.stringify({ folder: $("dup-folder").value.trim(), apply,
+    groups: (state.groups || []).filter((g) => g.chosen !== null).map((g) => ({ keep: g.chosen, photos: g.photos.map((p) => p.id) })) });
+}
+
+async function moveCopies(apply) {
+  const status = $("dup-status");
+  $("dup-move").disabled = true;
+  try {
+    const r = await api("/duplicates/move", { method: "POST", body: moveBody(apply), headers: {
+      "content-type": "application/json", authorization: `Bearer ${$("dup-token").value || $("token").value}` } });
+    const errors = r.errors.length ? `; ${r.errors.length} not: ${r.errors.map((e) => `${e.path} (${e.reason})`).join(", ")}` : "";
+    if (!apply) {
+      status.textContent = `${r.moved.length} files would move: ${r.moved.map((m) => `${m.source} → ${m.to}`).join(", ")}${errors}.`;
+      $("dup-move").disabled = !r.moved.length;
+    } else {
+      status.textContent = `Moved ${r.moved.length} files${errors}. Undo: dinosearch duplicates IDX --undo ${$("dup-folder").value.trim()}/${r.manifest}; ` +
+        "index the folders again so the index forgets them.";
+    }
+  } catch (e) { status.textContent = e.message; }
+}
+
+$("dup-preview").addEventListener("click", () => moveCopies(false));
+$("dup-move").addEventListener("click", () => moveCopies(true));
 $("review-dups").addEventListener("click", () => reviewDuplicates());
 $("dup-kind").addEventListener("change", () => reviewDuplicates());
 $("dup-export").addEventListener("click", exportCopies);
