@@ -133,6 +133,15 @@ def test_browse_then_upload_then_draw_a_box(site, browser):
     wait_results(page, "(50)")
     want = page.evaluate("fetch('/photos?sort=path&order=desc&limit=40').then(r => r.json()).then(p => p.photos.map(x => x.path))")
     assert names(page) == want != sorted(want)  # newest first = folder path descending (sub/ first)
+    in_sub = sorted(p.name for p in (photos / "sub").iterdir())
+    with page.expect_response(lambda r: "folder=" in r.url):
+        page.fill("#folder-filter", str(photos / "sub"))
+        page.press("#folder-filter", "Enter")
+    wait_results(page, f"({len(in_sub)})")
+    assert sorted(names(page)) == in_sub
+    page.fill("#folder-filter", "")
+    page.press("#folder-filter", "Enter")
+    wait_results(page, "(50)")
 
     page.set_input_files("#file", str(query))
     wait_results(page, "similar")
@@ -574,4 +583,13 @@ def test_objects_click_and_box_in_the_browser(photos, embedder, tiny_model, tmp_
             page.mouse.up()
         page.wait_for_function("document.querySelectorAll('#results canvas.mask').length === 8")
         page.screenshot(path=str(ARTIFACTS / "11-object-box.png"), full_page=True)
+        # without a mouse: a result's detail view lists its stored objects as buttons; Enter on one searches by it
+        page.locator("#results button.info").nth(2).focus()
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelectorAll('#detail-objects button').length > 0")
+        page.locator("#detail-objects button").first.focus()
+        with page.expect_response(lambda r: "objects=true" in r.url and "box=" in r.url and r.status == 200):
+            page.keyboard.press("Enter")
+        assert not page.is_visible("#detail")
+        wait_results(page, "object")
         page.close()
