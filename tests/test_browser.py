@@ -230,6 +230,14 @@ def test_detail_view_parts_match_heat_map_and_steering(site, browser):
     with page.expect_response(lambda r: "/similar" in r.url and "unlike" not in r.url and r.status == 200):
         page.locator("#tray-unlike button").first.click()
     assert not page.is_visible("#tray")
+    # "more like this" on another result: a wanted example beside the query
+    third = page.locator("#results li").nth(3)
+    wanted, wid = third.locator("button.hit").get_attribute("title"), third.locator("button.hit").get_attribute("data-id")
+    third.locator("button.info").click()
+    with page.expect_response(lambda r: f"like={wid}" in r.url and "unlike" not in r.url and r.status == 200):
+        page.click("#detail-like")
+    wait_results(page, "steered")
+    assert wanted in page.text_content("#tray-like") and wanted in names(page)[:3]
     page.close()
 
 
