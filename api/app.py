@@ -24,10 +24,12 @@ from fastapi import Depends, FastAPI, File, Header, HTTPException, Query, Reques
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from api import schemas
 from api.duplicate_routes import router as duplicates_router
+from api.duplicate_routes import write_router as duplicates_write_router
 from api.files import PhotoGone, read_indexed
 from api.service import (
     BadFolder,
@@ -191,7 +193,9 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         yield
         svc.stop()
 
-    app = FastAPI(title="dinosearch", version="0.1.0", lifespan=lifespan,
+    # Swagger UI and ReDoc from assets the fastapi-offline wheel ships (served under /static-offline-docs):
+    # /docs and /redoc work without a network, and their versions move with a pip upgrade, not by hand
+    app = FastAPIOffline(title="dinosearch", version="0.1.0", lifespan=lifespan,
                   description="Image similarity search on DINOv2 features: whole photos, regions, parts.")
     app.state.service = svc
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024,  # + multipart framing
@@ -299,7 +303,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         return schemas.Stats(snapshot=e.snapshot.path.name, model=m.model, precision=m.precision, resolution=m.resolution,
                              grid=m.grid, photos_indexed=counts.get("indexed", 0), photos_failed=counts.get("failed", 0),
                              global_kind=m.global_kind, patch_kind=m.patch_kind, classifier=m.classifier,
-                             segmenter=(m.segmenter or {}).get("model"), objects=e.object_count())
+                             segmenter=(m.segmenter or {}).get("model"), objects=e.object_count(), max_k=settings.max_k)
 
     @app.post("/search", response_model=schemas.SearchResponse)
     async def search_upload(request: Request, svc: Svc, image: Annotated[UploadFile, File(description="the query photo")],
@@ -328,9 +332,20 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
                limit: Annotated[int, Query(ge=0, le=1000)] = 100) -> schemas.PhotoPage:
         """A page of the indexed photos with their date, camera and place, sorted and filtered, without a query."""
         total, page = svc.engine.browse(filters, sort=sort, order=order, offset=offset, limit=limit)
-        return schemas.PhotoPage(total=total, offset=offset, photos=[schemas.PhotoOut(
-            id=p.photo_id, path=shown(p.path), width=p.width, height=p.height, taken=p.taken, taken_source=p.taken_source,
-            make=p.make, model=p.model, lat=p.lat, lon=p.lon) for p in page])
+        return schemas.PhotoPage(total=total, offset=offset, photos=[photo_out(p) for p in page])
+
+    def photo_out(p, model=schemas.PhotoOut, **extra):
+        return model(id=p.photo_id, path=shown(p.path), width=p.width, height=p.height, taken=p.taken,
+                     taken_source=p.taken_source, make=p.make, model=p.model, lat=p.lat, lon=p.lon, **extra)
+
+    @app.get("/photos/{photo_id}/info", response_model=schemas.PhotoDetail)
+    def photo_info(photo_id: PhotoId, svc: Svc) -> schemas.PhotoDetail:
+        """One indexed photo's file name, size, date taken, camera, place and tags (the page's detail view)."""
+        p = svc.engine.photo_info(photo_id)
+        if p is None:
+            raise UnknownPhoto(f"photo id {photo_id} is not in the index")
+        tags = [schemas.Tag(label=lab, prob=round(prob, 4)) for lab, prob in svc.engine.labels_of([photo_id]).get(photo_id, [])]
+        return photo_out(p, schemas.PhotoDetail, tags=tags)
 
     @app.get("/photos/{photo_id}/objects", response_model=list[schemas.ObjectOut])
     def objects_of(photo_id: PhotoId, svc: Svc) -> list[schemas.ObjectOut]:
@@ -410,7 +425,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         return job_out(svc.cancel(job_id))
 
     def job_out(j) -> schemas.Job:
-        return schemas.Job(id=j.id, folder=j.folder, state=j.state, done=j.done, total=j.total, indexed=j.indexed,
+        return schemas.Job(id=j.id, folder=j.folder, state=j.state, stage=j.stage, done=j.done, total=j.total, indexed=j.indexed,
                            failed=j.failed, error=j.error, duplicates=j.duplicates)
 
     @app.get("/index/jobs/{job_id}", response_model=schemas.Job)
@@ -426,6 +441,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         return [job_out(j) for j in svc.jobs.values()]
 
     app.include_router(duplicates_router)
+    app.include_router(duplicates_write_router, dependencies=[Depends(require_token)])
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

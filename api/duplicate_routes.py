@@ -1,7 +1,9 @@
-"""HTTP routes of duplicate groups: GET /duplicates (paged, filtered) and GET /photos/{id}/duplicates."""
+"""HTTP routes of duplicate groups: GET /duplicates (paged, filtered), GET /photos/{id}/duplicates, and
+POST /duplicates/move (write_router: the app adds its token check)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Annotated
 
@@ -9,9 +11,19 @@ from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 
 from api import schemas
-from search.duplicates import DuplicateConfig, Group, cells_to_box, duplicates_of, find_duplicates, load_photos
+from search.duplicates import (
+    BadDuplicateQuery,
+    DuplicateConfig,
+    Group,
+    cells_to_box,
+    duplicates_of,
+    find_duplicates,
+    load_photos,
+    move_copies,
+)
 
 router = APIRouter(tags=["duplicates"])
+write_router = APIRouter(tags=["duplicates"])
 _lock = threading.Lock()
 
 Kind = Annotated[str | None, Query(pattern="^(exact|edited|similar)$", description="only groups (links) of this kind")]
@@ -73,3 +85,36 @@ def photo_duplicates(request: Request, photo_id: Annotated[int, PathParam(ge=1, 
                                           kind=lk.kind, score=round(lk.score, 4),
                                           transform=lk.match.transform if lk.match else None, box=box))
     return schemas.PhotoDuplicates(id=photo_id, duplicates=out)
+
+
+def reviewed(groups: list[Group], asked: list[schemas.MoveGroup]) -> list[Group]:
+    """The groups as a person reviewed them: each asked group must lie inside one found group (a changed index is
+    a clear error, never a move of something not shown), keeping the chosen photo and only the listed members."""
+    out = []
+    for n, a in enumerate(asked, 1):
+        ids = set(a.photos)
+        if a.keep not in ids:
+            raise BadDuplicateQuery(f"group {n}: keep {a.keep} is not one of its photos")
+        found = next((g for g in groups if ids <= {m.photo.id for m in g.members}), None)
+        if found is None:
+            raise BadDuplicateQuery(f"group {n}: photos {sorted(ids)} are not one group of the index now; reload the groups")
+        members = [m for m in found.members if m.photo.id in ids]
+        if not next(m for m in members if m.photo.id == a.keep).photo.present:
+            raise BadDuplicateQuery(f"group {n}: the photo to keep ({a.keep}) is gone or changed since indexing")
+        out.append(Group(found.kind, a.keep, ["chosen"], members))
+    return out
+
+
+@write_router.post("/duplicates/move", response_model=schemas.MoveResponse)
+def move(request: Request, req: schemas.MoveRequest) -> schemas.MoveResponse:
+    """Move every photo but the kept one of each reviewed group into FOLDER/group-NNNN/ (a dry run unless apply):
+    never over a file, a manifest for undo; the index is not changed (index the folders again afterwards)."""
+    from api.service import check_folder
+
+    settings = request.app.state.service.settings
+    dest = check_folder(req.folder, settings.allowed_roots)
+    rep = move_copies(reviewed(_groups(request, DuplicateConfig()), req.groups), dest, apply=req.apply)
+    return schemas.MoveResponse(
+        applied=req.apply, manifest=_name(rep.manifest) if rep.manifest else None,
+        moved=[schemas.MoveOut(source=_name(a), to=os.path.relpath(b, dest)) for a, b in rep.moved],
+        errors=[schemas.MoveError(path=_name(a), reason=r) for a, r in rep.errors])

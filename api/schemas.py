@@ -43,6 +43,15 @@ class PhotoOut(BaseModel):
     lon: float | None = None
 
 
+class Tag(BaseModel):
+    label: str
+    prob: float
+
+
+class PhotoDetail(PhotoOut):
+    tags: list[Tag] = Field(default_factory=list, description="the classifier's top-5 at index time (none without one)")
+
+
 class PhotoPage(BaseModel):
     total: int = Field(description="photos that pass the filters")
     offset: int
@@ -89,6 +98,7 @@ class Stats(BaseModel):
     classifier: str | None = None
     segmenter: str | None = None
     objects: int = 0
+    max_k: int = Field(description="the most results a search may ask for (k)")
 
 
 class JobRequest(BaseModel):
@@ -108,9 +118,11 @@ class Job(BaseModel):
     id: int
     folder: str
     state: str = Field(description="queued, running, cancelling, done, failed or cancelled")
-    done: int = 0
-    total: int = 0
-    indexed: int = 0
+    stage: str | None = Field(None, description="while running: scanning (the folder), indexing (photos read / total), "
+                                                "duplicates (checking what it added)")
+    done: int = Field(0, description="photos read (decoded and embedded, or found unchanged) of total")
+    total: int = Field(0, description="photos to read (new or changed; known once the folder is scanned)")
+    indexed: int = Field(0, description="photos committed so far: searchable now")
     failed: int = 0
     error: str | None = None
     duplicates: list[JobDuplicate] = Field(default_factory=list, description="with check_duplicates, once done")
@@ -168,3 +180,32 @@ class PhotoDuplicate(BaseModel):
 class PhotoDuplicates(BaseModel):
     id: int
     duplicates: list[PhotoDuplicate]
+
+
+class MoveGroup(BaseModel):
+    keep: int = Field(description="the photo to keep (a member of the group, still on disk)")
+    photos: list[int] = Field(min_length=2, max_length=10_000, description="the group's photos as reviewed: all but keep are moved")
+
+
+class MoveRequest(BaseModel):
+    folder: str = Field(min_length=1, max_length=4096, description="an existing folder on the server's disk (absolute; "
+                                                                   "below --allowed-root if the server has any)")
+    groups: list[MoveGroup] = Field(min_length=1, max_length=10_000)
+    apply: bool = Field(False, description="false: a dry run that lists what would move")
+
+
+class MoveOut(BaseModel):
+    source: str = Field(description="the file's name")
+    to: str = Field(description="where it goes, relative to the folder (group-NNNN/name)")
+
+
+class MoveError(BaseModel):
+    path: str
+    reason: str
+
+
+class MoveResponse(BaseModel):
+    applied: bool
+    moved: list[MoveOut]
+    errors: list[MoveError]
+    manifest: str | None = Field(None, description="the manifest's name in the folder (undo: dinosearch duplicates IDX --undo)")

@@ -95,9 +95,10 @@ class JobState:
     id: int
     folder: str
     state: str = "queued"
+    stage: str | None = None  # while running: scanning, indexing, duplicates
     done: int = 0
     total: int = 0
-    indexed: int = 0
+    indexed: int = 0  # committed so far (searchable), then the run's total
     failed: int = 0
     error: str | None = None
     check_duplicates: bool = False  # when done: list the photos it added that duplicate indexed ones
@@ -250,10 +251,10 @@ class Service:
                     job.state = "cancelled"
                     job.finished.set()
                     continue
-                job.state = "running"
+                job.state, job.stage = "running", "scanning"
 
             def progress(done: int, total: int, job: JobState = job) -> None:
-                job.done, job.total = done, total
+                job.done, job.total, job.stage = done, total, "indexing"
                 if job.cancel.is_set():
                     raise JobCancelled(f"job {job.id} cancelled after {done} of {total} photos")
 
@@ -263,8 +264,10 @@ class Service:
                 cfg = IndexConfig(workers=self.settings.workers, progress=False, commit_every=self.settings.commit_every,
                                   max_pixels=self.settings.max_pixels)
                 stats = index_folder(job.folder, self.settings.index, self.embedder(), cfg,
-                                     on_commit=lambda _s: self.refresh(), on_progress=progress, **self._extras())
+                                     on_commit=lambda s, job=job: self._committed(job, s), on_progress=progress,
+                                     **self._extras())
                 if job.check_duplicates:
+                    job.stage = "duplicates"
                     self.refresh()
                     job.duplicates = self._added_duplicates(since)
                 job.indexed, job.failed, job.state = stats.indexed, stats.failed, "done"
@@ -274,8 +277,14 @@ class Service:
                 log.exception("index job %d failed", job.id)
                 job.state, job.error = "failed", str(e).splitlines()[0] if str(e) else type(e).__name__
             finally:
+                job.stage = None
                 job.finished.set()
                 self.refresh()
+
+    def _committed(self, job: JobState, stats) -> None:
+        """A job's commit: searches switch to it, and its counts say what is searchable now (not only at the end)."""
+        job.indexed, job.failed = stats.indexed, stats.failed
+        self.refresh()
 
     def _added_duplicates(self, since: int) -> list[dict]:
         """Photos a job added (ids from ``since``) that duplicate indexed ones: their candidates only, no full pass."""

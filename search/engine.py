@@ -343,10 +343,7 @@ class Engine:
         if offset < 0 or limit < 0:
             raise BadQuery(f"offset and limit must be >= 0, got {offset}, {limit}")
         where, args = self._filter_sql(f)
-        has_meta = bool(self._catalog_query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'", []))
-        cols = ("m.taken, m.taken_source, m.make, m.model, m.lat, m.lon, m.folder" if has_meta
-                else "NULL, NULL, NULL, NULL, NULL, NULL, NULL")
-        join = "LEFT JOIN meta m ON m.photo_id = p.id" if has_meta else ""
+        has_meta, cols, join = self._info_columns()
         keys = BROWSE_ORDER[sort] if has_meta or sort != "taken" else "p.id"
         direction = "DESC" if order == "desc" else "ASC"
         by = ", ".join(f"{c} {direction}" if not c.endswith("IS NULL") else c for c in keys.split(", "))
@@ -357,8 +354,26 @@ class Engine:
         else:
             total = self.db.execute(f"SELECT count(*) FROM photos p {join} WHERE {where}", args).fetchone()[0]
             rows = self.db.execute(f"{sql} LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
-        return total, [PhotoInfo(i, os.fsdecode(p), w, h, *rest[:6], os.fsdecode(rest[6]) if rest[6] is not None else None)
-                       for i, p, w, h, *rest in rows]
+        return total, self._infos(rows)
+
+    def photo_info(self, photo_id: int) -> PhotoInfo | None:
+        """One indexed photo's catalog row and metadata (None if no indexed photo has this id)."""
+        _, cols, join = self._info_columns()
+        rows = self.db.execute(f"SELECT p.id, p.path, p.width, p.height, {cols} FROM photos p {join} "
+                               "WHERE p.id = ? AND p.status = 'indexed'", [photo_id]).fetchall()
+        return self._infos(rows)[0] if rows else None
+
+    def _info_columns(self) -> tuple[bool, str, str]:
+        """(whether the catalog has metadata, the PhotoInfo columns after p.id, p.path, p.width, p.height, the join)."""
+        has_meta = bool(self._catalog_query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'", []))
+        cols = ("m.taken, m.taken_source, m.make, m.model, m.lat, m.lon, m.folder" if has_meta
+                else "NULL, NULL, NULL, NULL, NULL, NULL, NULL")
+        return has_meta, cols, "LEFT JOIN meta m ON m.photo_id = p.id" if has_meta else ""
+
+    @staticmethod
+    def _infos(rows) -> list[PhotoInfo]:
+        return [PhotoInfo(i, os.fsdecode(p), w, h, *rest[:6], os.fsdecode(rest[6]) if rest[6] is not None else None)
+                for i, p, w, h, *rest in rows]
 
     def photo_size(self, photo_ids: list[int]) -> dict[int, tuple[int, int]]:
         if not photo_ids:

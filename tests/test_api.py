@@ -41,6 +41,7 @@ def test_health_stats_docs(served):
     assert client.get("/health").json() == {"status": "ok"}
     s = client.get("/stats").json()
     assert s["photos_indexed"] == 48 and s["grid"] == 16 and s["patch_kind"] == "SQ8"
+    assert s["max_k"] == 1000 and client.get("/photos/1/similar", params={"k": s["max_k"] + 1}).status_code == 422
     assert "/search" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
     page = client.get("/")
@@ -160,10 +161,11 @@ def test_write_routes_need_the_token_and_work_with_it(served, tmp_path):
     jid = job.json()["id"]
     deadline = time.time() + 120
     while (j := client.get(f"/index/jobs/{jid}").json())["state"] not in ("done", "failed"):
+        assert (j["state"], j["stage"]) in {("queued", None), ("running", "scanning"), ("running", "indexing")}, j
         assert client.get("/photos/4/similar", params={"k": 3}).status_code == 200
         assert time.time() < deadline
         time.sleep(0.2)
-    assert j["state"] == "done" and j["indexed"] == 5 and j["total"] == 5
+    assert j["state"] == "done" and j["indexed"] == 5 and j["total"] == 5 and j["stage"] is None
     assert client.get("/stats").json()["photos_indexed"] == 52
     r = client.post("/search", files={"image": ("q.jpg", (extra / "flipped2.jpg").read_bytes(), "image/jpeg")}, params={"k": 1})
     assert r.json()["results"][0]["path"] == "flipped2.jpg"
@@ -212,3 +214,35 @@ def test_label_filter_and_labels_route(photos, embedder, tmp_path):
             "SELECT photo_id FROM labels WHERE label=?", (label,))}
         assert r and {x["id"] for x in r} == tagged
         assert client.get("/photos/1/similar", params={"label": "x" * 201}).status_code == 422
+
+
+def test_the_page_and_the_docs_name_no_outside_address(served):
+    """Offline means every file the page loads, and the /docs and /redoc pages, name only this server."""
+    import re
+    from pathlib import Path
+
+    client, _ = served
+    static = Path(__file__).resolve().parents[1] / "api" / "static"
+    served_files = ["/", "/docs", "/redoc"] + [f"/static/{p.name}" for p in sorted(static.iterdir()) if p.is_file()]
+    assert len(served_files) >= 6
+    for url in served_files:
+        r = client.get(url)
+        assert r.status_code == 200, url
+        outside = [u for u in re.findall(r"https?://[^\s\"'<>)]+", r.text) if not u.startswith("http://127.0.0.1")]
+        assert outside == [], (url, outside)
+    docs = client.get("/docs").text
+    assert "/static-offline-docs/swagger-ui-bundle.js" in docs and "/static-offline-docs/redoc.standalone.js" in client.get("/redoc").text
+    assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+
+
+def test_one_photo_s_details(served):
+    """GET /photos/{id}/info: the row GET /photos lists for it, with its tags; unknown ids are 404."""
+    client, _ = served
+    listed = {p["id"]: p for p in client.get("/photos", params={"limit": 100}).json()["photos"]}
+    info = client.get("/photos/7/info")
+    assert info.status_code == 200
+    body = info.json()
+    assert body.pop("tags") == [] and body == listed[7]  # this index has no classifier
+    assert client.get("/photos/99999/info").status_code == 404
+    client.delete("/photos/7", headers=AUTH)
+    assert client.get("/photos/7/info").status_code == 404

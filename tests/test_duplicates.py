@@ -362,3 +362,52 @@ def test_keeper_ties_broken_by_the_exif_the_catalog_read(tmp_path, embedder):
     assert len(groups) == 1 and groups[0].kind == "exact"
     kept = next(m.photo for m in groups[0].members if m.photo.id == groups[0].keep)
     assert kept.path.endswith("b_camera.png") and kept.exif >= 3 and any("EXIF" in r for r in groups[0].reasons)
+
+
+def test_http_move_of_reviewed_copies(tmp_path, tiny_model, embedder):
+    """POST /duplicates/move: token-guarded, a dry run first, the keeper a person chose stays, the rest moves into
+    the folder (existing, absolute), never a photo of another group; the manifest undoes it."""
+    from conftest import local_client
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    src = sample_photos(1)[:6]
+    for p in src:
+        shutil.copy(p, photos / p.name)
+    shutil.copy(src[0], photos / "copy.jpg")
+    ImageOps.mirror(Image.open(src[0])).save(photos / "mirror.jpg", quality=85)
+    idx, out = tmp_path / "idx", tmp_path / "out"
+    out.mkdir()
+    index_folder(photos, idx, embedder, CFG)
+    token = "move-test-token-0123456789"
+    with local_client(create_app(Settings(index=idx, model=str(tiny_model), device="cpu", workers=0, token=token))) as client:
+        ids = {p["path"]: p["id"] for p in client.get("/photos").json()["photos"]}
+        grouped = [{p["path"] for p in g["photos"]} for g in client.get("/duplicates").json()["groups"]]
+        assert any({src[0].name, "copy.jpg", "mirror.jpg"} <= g for g in grouped)
+        assert not any(src[3].name in g for g in grouped)
+        group = {"keep": ids["mirror.jpg"], "photos": [ids[src[0].name], ids["copy.jpg"], ids["mirror.jpg"]]}
+        body = {"folder": str(out), "groups": [group]}
+        assert client.post("/duplicates/move", json=body).status_code == 401
+        auth = {"Authorization": f"Bearer {token}"}
+        dry = client.post("/duplicates/move", json=body, headers=auth)
+        assert dry.status_code == 200, dry.text
+        d = dry.json()
+        assert d["applied"] is False and d["manifest"] is None and not d["errors"]
+        assert sorted(m["source"] for m in d["moved"]) == sorted([src[0].name, "copy.jpg"])
+        assert all(m["to"].startswith("group-0001/") for m in d["moved"]) and not list(out.iterdir())
+        # bad requests: one sentence each, nothing moved
+        for bad, code in [({**body, "folder": "relative/dir"}, 422), ({**body, "folder": str(tmp_path / "nope")}, 422),
+                          ({**body, "groups": [{**group, "keep": ids[src[3].name]}]}, 422),
+                          ({**body, "groups": [{"keep": ids[src[3].name], "photos": [ids[src[3].name], ids["copy.jpg"]]}]}, 422)]:
+            r = client.post("/duplicates/move", json={**bad, "apply": True}, headers=auth)
+            assert r.status_code == code and isinstance(r.json()["detail"], str), r.text
+        assert (photos / "copy.jpg").exists() and not list(out.iterdir())
+        done = client.post("/duplicates/move", json={**body, "apply": True}, headers=auth).json()
+        assert done["applied"] and done["manifest"].startswith("dinosearch-moves-") and not done["errors"]
+    assert (photos / "mirror.jpg").exists() and not (photos / "copy.jpg").exists() and not (photos / src[0].name).exists()
+    assert sorted(p.name for p in (out / "group-0001").iterdir()) == sorted([src[0].name, "copy.jpg"])
+    rep = undo_moves(out / done["manifest"])
+    assert len(rep.moved) == 2 and (photos / "copy.jpg").exists() and (photos / src[0].name).exists()
