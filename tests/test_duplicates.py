@@ -18,12 +18,15 @@ from indexer.runner import IndexConfig, index_folder
 from search import Engine
 from search.duplicates import (
     DuplicateConfig,
+    _Finder,
     candidate_pairs,
     duplicates_of,
     find_duplicates,
+    find_links,
     move_copies,
     undo_moves,
     verify,
+    verify_pairs,
 )
 
 CFG = IndexConfig(batch_size=16, workers=0, progress=False)
@@ -123,6 +126,31 @@ def test_verify_recovers_crops_and_symmetries():
     xa = a.reshape(-1, d).copy()
     faiss.normalize_L2(xa)
     assert verify(xa, other, g) is None or verify(xa, other, g).score < 0.3
+
+
+def test_verify_pairs_is_verify_of_each_pair(dup_index):
+    """Batched verification (blocks of pairs on threads, the 8 symmetries scored as arrays) answers exactly what
+    verify answers pair by pair, on real stored grids: the family's edits and unrelated photos."""
+    idx, original, fam = dup_index
+    e = Engine(idx)
+    ids = sorted(by_path(e).values())
+    xp = e.photo_patches(ids)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, len(ids), (2, 40))
+    a[:len(fam)] = ids.index(by_path(e)[original])
+    b[:len(fam)] = [ids.index(by_path(e)[p]) for p in fam.values()]
+    g = e.manifest.grid
+    one = [verify(xp[i], xp[j], g) for i, j in zip(a, b)]
+    many = verify_pairs(xp[a], xp[b], g, block=3, workers=2)
+    assert many == one and sum(m is not None and m.score >= 0.6 for m in one) >= len(fam) - 1
+
+
+def test_each_grid_is_decoded_once_per_run(dup_index):
+    idx, _, _ = dup_index
+    e = Engine(idx)
+    finder = _Finder(e, DuplicateConfig())
+    links, photos = find_links(e, DuplicateConfig(), finder=finder, block=4)  # many blocks of pairs
+    assert links and 0 < finder.decoded <= len(photos)  # each photo of a candidate pair once, however many pairs hold it
 
 
 def test_candidate_pairs_match_brute_force():
