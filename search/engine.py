@@ -670,18 +670,22 @@ class Engine:
             paths = self.path_of(ids.tolist())
             return [Hit(int(i), paths.get(int(i), "?"), float(s)) for i, s in zip(ids, scores)]
         allowed = self._allowed(allowed, label)
-        exact = self.manifest.global_kind == "Flat"
+        if allowed is not None and not allowed:
+            return []
+        plan = self.global_plan(allowed)
+        exact = plan == "flat"
         kk = min(n, k if exact else max(4 * k, 64))
         params = None
-        if allowed is not None:
-            if not allowed:
-                return []
-            params = only_ids(self.global_index, np.fromiter(allowed, np.int64))
-        with self._lock:
-            D, I = self.global_index.search(xq, kk, params=params)
-        ids = I[0][I[0] >= 0]
-        scores = D[0][: len(ids)]
-        if allowed is not None and len(ids) < min(k, len(allowed)):  # an IVF probe missed photos the filter passes:
+        if plan == "scan":
+            ids, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        else:
+            if allowed is not None:
+                params = only_ids(self.global_index, np.fromiter(allowed, np.int64))
+            with self._lock:
+                D, I = self.global_index.search(xq, kk, params=params)
+            ids = I[0][I[0] >= 0]
+            scores = D[0][: len(ids)]
+        if allowed is not None and len(ids) < min(k, len(allowed)):  # a scan, or an IVF probe missed photos that pass:
             ids = np.array(sorted(allowed), np.int64)  # score every one of them exactly, so k that exist are returned
             scores = self.global_vectors(ids) @ xq[0]
             order = np.argsort(-scores, kind="stable")
@@ -694,6 +698,20 @@ class Engine:
         ids, scores = ids[:k], scores[:k]
         paths = self.path_of(ids.tolist())
         return [Hit(int(i), paths.get(int(i), "?"), float(s)) for i, s in zip(ids, scores)]
+
+    SCAN_MAX = 4096  # a filter passing at most this many photos has them scored exactly (see global_plan)
+
+    def global_plan(self, allowed: set[int] | None) -> str:
+        """How a global search runs: "flat" (an exact index; a filter is a FAISS ID selector inside it), "ivf" (nprobe
+        lists, then an exact re-rank; a filter is an ID selector inside the probe, and the photos that pass are scored
+        exactly if the probe finds fewer than k), or "scan" (an IVF index and a filter that passes at most SCAN_MAX
+        photos: those are scored exactly, which is exact and cheap, where a probe would see only the few of them that
+        lie in its lists)."""
+        if self.vectors is not None or self.manifest.global_kind == "Flat":
+            return "flat"
+        if allowed is None:
+            return "ivf"
+        return "scan" if len(allowed) <= self.SCAN_MAX else "ivf"
 
     # -- one query model: plan and answer a SearchQuery
 

@@ -261,7 +261,12 @@ def test_filters_return_k_on_ivf_kinds_whose_probe_misses(described, embedder, t
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False, global_kind="IVF8,Flat", patch_kind="IVF8,SQ8"))
     ivf = Engine(idx, EngineConfig(nprobe=1), embedder=embedder)
     assert ivf.manifest.global_kind.startswith("IVF") and ivf.manifest.patch_kind.startswith("IVF")
-    for f in sorted(photos.rglob("*.jpg"))[:6]:
-        for box in (None, (0, 0, 60, 60)):
-            r = ivf.search(SearchQuery((Example(str(f), box=box),), filters=Filters(camera="leica"), k=3))
-            assert set(names(r.hits)) == set(made[:3]), (f.name, box, names(r.hits))
+    leica = ivf.filter_ids(Filters(camera="leica"))
+    assert ivf.global_plan(None) == "ivf" and ivf.global_plan(leica) == "scan"  # 3 photos pass: scored exactly
+    for scan_max in (Engine.SCAN_MAX, 0):  # the scan plan, then the probe with its fallback when the probe misses
+        ivf.SCAN_MAX = scan_max
+        assert ivf.global_plan(leica) == ("scan" if scan_max else "ivf")
+        for f in sorted(photos.rglob("*.jpg"))[:6]:
+            for box in (None, (0, 0, 60, 60)):
+                r = ivf.search(SearchQuery((Example(str(f), box=box),), filters=Filters(camera="leica"), k=3))
+                assert set(names(r.hits)) == set(made[:3]), (f.name, box, names(r.hits))
