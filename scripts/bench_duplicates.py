@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 SAMPLE = REPO / "data" / "caltech101-sample" / "images"
 
 from indexer.store import choose_kind, make_index  # noqa: E402
-from search.duplicates import DuplicateConfig, candidate_pairs, verify, verify_pairs  # noqa: E402
+from search.duplicates import DuplicateConfig, candidate_pairs, join_pairs, verify, verify_pairs  # noqa: E402
 
 TRANSFORMS = ["exact re-save", "jpeg q30", "resize 50%", "format change", "exif rotation", "mirror", "crop 90%",
               "crop 70%", "crop 50%", "rotate 5deg", "grey", "brightness +30%"]
@@ -227,7 +227,7 @@ def scale(n: int, dim: int, k: int, nprobe: int, sample: int, engine, pairs_to_t
     t0 = time.perf_counter()
     pairs, cos = candidate_pairs(index, ids, xb, k, cfg.min_cosine, nprobe=nprobe, join=True)
     t_cand = time.perf_counter() - t0
-    print(f"    candidate stage (clustered join, probe 2): {t_cand:.1f} s ({n / t_cand:.0f} photos/s, x{t_base / t_cand:.1f} "
+    print(f"    candidate stage (clustered join, probe {join_pairs.__kwdefaults__['probe']}): {t_cand:.1f} s ({n / t_cand:.0f} photos/s, x{t_base / t_cand:.1f} "
           f"the baseline), {len(pairs)} pairs", flush=True)
     found = {tuple(p) for p in pairs.tolist()}
     planted_found = np.mean([(min(a, b), max(a, b)) in found for a, b in zip(planted.tolist(), sources.tolist())])

@@ -117,7 +117,7 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray, cos: np.ndarray) -> tuple[np.nda
 
 
 def join_pairs(xb: np.ndarray, k: int, min_cosine: float, *, quantizer: faiss.Index | None = None,
-               probe: int = 2, block: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               probe: int = 3, block: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each vector's k nearest others with cosine >= min_cosine, within the clusters it falls in: an IVF self-join.
 
     xb [n, D] L2-normalized. The vectors are clustered (``quantizer``: an IVF index's own, else FAISS spherical

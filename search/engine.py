@@ -326,7 +326,9 @@ class Engine:
         if not f.active:
             return None
         where, args = self._filter_sql(f)
-        rows = self.db.execute(f"SELECT p.id, m.lat, m.lon FROM photos p LEFT JOIN meta m ON m.photo_id = p.id WHERE {where}",
+        # a metadata filter reads meta first (CROSS JOIN fixes that order: SQLite would otherwise walk every indexed
+        # photo through photos_status, ~8x slower for a narrow date range), so its date index does the narrowing
+        rows = self.db.execute(f"SELECT p.id, m.lat, m.lon FROM meta m CROSS JOIN photos p ON p.id = m.photo_id WHERE {where}",
                                args).fetchall() if "m." in where else self.db.execute(
             f"SELECT p.id, NULL, NULL FROM photos p WHERE {where}", args).fetchall()
         ids = {r[0] for r in self._near(rows, f, 1, 2)}
