@@ -55,7 +55,7 @@ from indexer.errors import (
 from indexer.reader import open_photo
 from search import Example, Filters, Hit, SearchQuery, UnknownPhoto
 from search.duplicates import BadDuplicateQuery, MoveError
-from search.query import parse_box, parse_date, parse_id_example, parse_near, parse_point
+from search.query import EXAMPLE_FORMS, parse_box, parse_date, parse_id_example, parse_near, parse_point
 from search.region import BadRegion
 
 log = logging.getLogger(__name__)
@@ -245,13 +245,17 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         ) for h in hits]
 
     def run_search(svc: Service, first: Example, k: int, like: list[str], unlike: list[str],
-                   filters: Filters) -> schemas.SearchResponse:
+                   filters: Filters, uploads: list[tuple[bytes, tuple[int, int]]] = ()) -> schemas.SearchResponse:
         """Build the typed query (search.query) and let the Engine plan and answer it."""
         engine = svc.engine
-        if first.is_object and isinstance(first.source, int) and (first.point is not None or first.box is not None):
-            first = replace(first, source=read_indexed(engine.db, first.source)[0])  # SAM decodes it: the checked bytes
-        q = SearchQuery((first, *map(parse_id_example, like)), unlike=tuple(map(parse_id_example, unlike)),
-                        filters=filters, k=k)
+
+        def checked(e: Example) -> Example:
+            if e.is_object and isinstance(e.source, int) and (e.point is not None or e.box is not None):
+                return replace(e, source=read_indexed(engine.db, e.source)[0])  # SAM decodes it: the checked bytes
+            return e
+
+        q = SearchQuery(tuple(checked(e) for e in (first, *(parse_id_example(t, uploads) for t in like))),
+                        unlike=tuple(checked(parse_id_example(t, uploads)) for t in unlike), filters=filters, k=k)
         r = engine.search(q)
         qo = None
         if r.query_object is not None:
@@ -278,8 +282,9 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
                        camera=camera, near=parse_near(near), folder=folder)
 
     FilterParams = Annotated[Filters, Depends(filter_params)]
-    Like = Annotated[list[str], Query(max_length=64, description="also like these indexed photos (repeatable): ID or ID@x0,y0,x1,y1")]
-    Unlike = Annotated[list[str], Query(max_length=64, description="not like these indexed photos (repeatable): ID or ID@x0,y0,x1,y1")]
+    forms = "ID or upload:N (the N-th `examples` file of POST /search, from 0), whole or as " + EXAMPLE_FORMS.replace("PHOTO", "ID")
+    Like = Annotated[list[str], Query(max_length=64, description=f"also like these photos (repeatable): {forms}")]
+    Unlike = Annotated[list[str], Query(max_length=64, description=f"not like these photos (repeatable): {forms}")]
 
     K = Annotated[int, Query(ge=1, le=settings.max_k, description="number of results")]
     Box = Annotated[str | None, Query(description="region search: x0,y0,x1,y1 in pixels of the query photo")]
@@ -309,12 +314,17 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     async def search_upload(request: Request, svc: Svc, image: Annotated[UploadFile, File(description="the query photo")],
                             filters: FilterParams, k: K = 10, box: Box = None, part: Part = None, parts_k: PartsK = 5,
                             objects: Objects = False, point: Point = None, like: Like = [],  # noqa: B006 (FastAPI copies it)
-                            unlike: Unlike = []) -> schemas.SearchResponse:  # noqa: B006
+                            unlike: Unlike = [],  # noqa: B006
+                            examples: Annotated[list[UploadFile], File(description=(
+                                "more example photos, named by like/unlike as upload:0, upload:1, ..."))] = [],  # noqa: B006
+                            ) -> schemas.SearchResponse:
         """Photos like an uploaded photo (global), containing a region of it (box or part), or holding an object
-        like one of its objects (objects / point), with where; like/unlike add indexed examples (relevance feedback)."""
+        like one of its objects (objects / point), with where; like/unlike add examples (relevance feedback): indexed
+        photos by id, or uploaded ``examples`` files, each whole, a region, a part or an object."""
         data, size = await read_upload(request, image)
+        uploads = [await read_upload(request, f) for f in examples]
         first = example(data, box, part, parts_k, objects, point, size)
-        return await run_in_threadpool(decoded_upload, svc, run_search, svc, first, k, like, unlike, filters)
+        return await run_in_threadpool(decoded_upload, svc, run_search, svc, first, k, like, unlike, filters, uploads)
 
     @app.get("/photos/{photo_id}/similar", response_model=schemas.SearchResponse)
     def search_by_id(photo_id: PhotoId, svc: Svc, filters: FilterParams, k: K = 10, box: Box = None, part: Part = None,

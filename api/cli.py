@@ -672,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--point", type=_parsed(parse_point), default=None, metavar="X,Y", help="object search: SAM's mask at this click in the query photo")
     q.add_argument("--like", type=_parsed(parse_example), action="append", default=[], metavar="PHOTO",
                    help="also like this photo (repeatable): a path, or an indexed photo id (only digits: 42; ./42 is a file), "
-                        "with @X0,Y0,X1,Y1 for a region of it")
+                        "whole or as PHOTO@X0,Y0,X1,Y1 (a region), @part=N, @object, @object=X0,Y0,X1,Y1 or @point=X,Y")
     q.add_argument("--unlike", type=_parsed(parse_example), action="append", default=[], metavar="PHOTO",
                    help="not like this photo (repeatable, as --like): photos nearer to it than to every liked one come last")
     filter_flags(q)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 SAMPLE = REPO / "data" / "caltech101-sample" / "images"
 
 from indexer.store import choose_kind, make_index  # noqa: E402
-from search.duplicates import DuplicateConfig, candidate_pairs, verify  # noqa: E402
+from search.duplicates import DuplicateConfig, candidate_pairs, join_pairs, verify, verify_pairs  # noqa: E402
 
 TRANSFORMS = ["exact re-save", "jpeg q30", "resize 50%", "format change", "exif rotation", "mirror", "crop 90%",
               "crop 70%", "crop 50%", "rotate 5deg", "grey", "brightness +30%"]
@@ -178,26 +178,28 @@ def suite(work: Path, sources: int, distractors: int, model: str | None, workers
     s_ours, s_theirs = score(groups_of(ours, n), family, kind), score(groups_of(theirs, n), family, kind)
     weights = "RANDOM weights (architecture-exact dinov2-small)" if random else f"weights {model}"
     print(f"(a) transform suite: {sources} sources x {len(TRANSFORMS)} copies + {len(dis)} distractors = {n} photos; "
-          f"dinosearch with {weights}")
-    print(f"    index {t_index:.1f} s, duplicates {t_dups:.1f} s ({len(groups)} groups); pHash {t_phash:.1f} s")
-    print(f"    {'transform':18} {'ours recall':>11} {'ours prec':>9}   {'pHash recall':>12} {'pHash prec':>10}")
+          f"dinosearch with {weights}", flush=True)
+    print(f"    index {t_index:.1f} s, duplicates {t_dups:.1f} s ({len(groups)} groups); pHash {t_phash:.1f} s", flush=True)
+    print(f"    {'transform':18} {'ours recall':>11} {'ours prec':>9}   {'pHash recall':>12} {'pHash prec':>10}", flush=True)
     for t in TRANSFORMS + ["distractor"]:
         r1, p1, g1 = s_ours[t]
         r2, p2, g2 = s_theirs[t]
         if t == "distractor":
-            print(f"    {'distractors grouped':18} {g1:>11.2f} {'':>9}   {g2:>12.2f}")
+            print(f"    {'distractors grouped':18} {g1:>11.2f} {'':>9}   {g2:>12.2f}", flush=True)
         else:
-            print(f"    {t:18} {r1:>11.2f} {p1:>9.2f}   {r2:>12.2f} {p2:>10.2f}")
+            print(f"    {t:18} {r1:>11.2f} {p1:>9.2f}   {r2:>12.2f} {p2:>10.2f}", flush=True)
     if random:
         print("    NOTE: random weights. Exact re-save, format change and EXIF rotation (same pixels) and the geometric\n"
               "    transforms whose patches keep their pixels (resize, mirror, crops) are what the mechanism itself\n"
               "    shows; recall under grey / brightness / q30 / 5-degree rotation and every precision figure depend\n"
-              "    on what the features mean and are MEANINGLESS here: run with --model a real dinov2-small.")
+              "    on what the features mean and are MEANINGLESS here: run with --model a real dinov2-small.", flush=True)
     return engine
 
 
-def scale(n: int, dim: int, k: int, nprobe: int, sample: int, engine, pairs_to_time: int, kind: str | None = None) -> None:
+def scale(n: int, dim: int, k: int, nprobe: int, sample: int, engine, pairs_to_time: int, kind: str | None = None,
+          baseline: int = 5000) -> None:
     rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
     centres = rng.standard_normal((max(16, n // 1000), dim)).astype(np.float32)
     xb = centres[rng.integers(0, len(centres), n)] + 1.5 * rng.standard_normal((n, dim)).astype(np.float32)
     faiss.normalize_L2(xb)
@@ -207,15 +209,26 @@ def scale(n: int, dim: int, k: int, nprobe: int, sample: int, engine, pairs_to_t
     faiss.normalize_L2(xb)
     ids = np.arange(n, dtype=np.int64)
     kind = kind or choose_kind(n, dim, patches=False)
+    print(f"(b) scale: {n} vectors d={dim}, {len(planted)} planted near-copies, made in {time.perf_counter() - t0:.1f} s; "
+          f"building the index dinosearch chooses ({kind}) ...", flush=True)
     t0 = time.perf_counter()
     index = make_index(kind, dim, xb[rng.permutation(n)[: 256 * 1024]])
     index.add_with_ids(xb, ids)
-    t_build = time.perf_counter() - t0
+    print(f"    index built in {time.perf_counter() - t0:.1f} s", flush=True)
     cfg = DuplicateConfig()
     floor = float(np.min(np.sum(xb[planted] * xb[sources], 1)))
+    # baseline: the per-query k-NN search of the index (the incremental path), on a sample, extrapolated to n
+    q = rng.choice(n, min(baseline, n), replace=False)
     t0 = time.perf_counter()
-    pairs, cos = candidate_pairs(index, ids, xb, k, cfg.min_cosine, nprobe=nprobe)
+    candidate_pairs(index, ids[q], xb[q], k, cfg.min_cosine, nprobe=nprobe, join=False)
+    t_base = (time.perf_counter() - t0) / len(q) * n
+    print(f"    baseline, k-NN search per photo (k={k}, nprobe={nprobe}) on {len(q)} photos: {n / t_base:.0f} photos/s, "
+          f"so ~{t_base:.0f} s for all {n}", flush=True)
+    t0 = time.perf_counter()
+    pairs, cos = candidate_pairs(index, ids, xb, k, cfg.min_cosine, nprobe=nprobe, join=True)
     t_cand = time.perf_counter() - t0
+    print(f"    candidate stage (clustered join, probe {join_pairs.__kwdefaults__['probe']}): {t_cand:.1f} s ({n / t_cand:.0f} photos/s, x{t_base / t_cand:.1f} "
+          f"the baseline), {len(pairs)} pairs", flush=True)
     found = {tuple(p) for p in pairs.tolist()}
     planted_found = np.mean([(min(a, b), max(a, b)) in found for a, b in zip(planted.tolist(), sources.tolist())])
     # exact range search (brute force) for a sample of queries: every pair above the planted copies' floor
@@ -226,11 +239,8 @@ def scale(n: int, dim: int, k: int, nprobe: int, sample: int, engine, pairs_to_t
     truth = {(min(int(a), int(b)), max(int(a), int(b))) for j, a in enumerate(q)
              for b in I[lims[j]:lims[j + 1]] if b != a}
     rec = np.mean([t in found for t in truth]) if truth else float("nan")
-    print(f"(b) scale: {n} vectors d={dim}, {len(planted)} planted near-copies (cosine >= {floor:.3f}); index {kind} "
-          f"built in {t_build:.1f} s")
-    print(f"    candidate stage (k={k}, nprobe={nprobe}): {t_cand:.1f} s ({n / t_cand:.0f} photos/s), {len(pairs)} pairs; "
-          f"recall of planted pairs {planted_found:.3f}; recall vs exact range search (cos >= {max(cfg.min_cosine, floor):.3f}) "
-          f"on {len(q)} queries: {rec:.3f} of {len(truth)} pairs")
+    print(f"    recall of planted pairs (cosine >= {floor:.3f}) {planted_found:.4f}; recall vs exact range search "
+          f"(cos >= {max(cfg.min_cosine, floor):.3f}) on {len(q)} queries: {rec:.4f} of {len(truth)} pairs", flush=True)
     if engine is not None:
         ids_e = np.array([i for (i,) in engine.db.execute("SELECT id FROM photos WHERE status='indexed'")])
         xp = engine.photo_patches(ids_e)
@@ -239,9 +249,13 @@ def scale(n: int, dim: int, k: int, nprobe: int, sample: int, engine, pairs_to_t
         t0 = time.perf_counter()
         for i, j in zip(a, b):
             verify(xp[i], xp[j], g)
+        one = (time.perf_counter() - t0) / pairs_to_time
+        t0 = time.perf_counter()
+        verify_pairs(xp[a], xp[b], g)
         per = (time.perf_counter() - t0) / pairs_to_time
-        print(f"    verification: {per * 1e3:.2f} ms per pair ({g}x{g} grids, d={xp.shape[-1]}, patches already decoded); "
-              f"{n} photos x {k} neighbours, all verified: ~{n * k / 2 * per / 3600:.1f} h on one core")
+        print(f"    verification ({g}x{g} grids, d={xp.shape[-1]}, patches decoded): one pair at a time {one * 1e3:.2f} ms "
+              f"per pair, batched (verify_pairs) {per * 1e3:.2f} ms per pair (x{one / per:.1f}); {n} photos with 1% "
+              f"candidate pairs verified: ~{n / 100 * per / 60:.1f} min", flush=True)
 
 
 def main() -> None:
@@ -250,12 +264,13 @@ def main() -> None:
     p.add_argument("--distractors", type=int, default=96, help="other sample photos mixed in (default 96)")
     p.add_argument("--model", default=None, help="DINOv2 checkpoint (default: random-weight dinov2-small)")
     p.add_argument("--workers", type=int, default=1, help="decode processes while indexing the suite (default 1)")
-    p.add_argument("--vectors", type=int, default=1_000_000, help="synthetic global vectors for (b) (default 1000000)")
+    p.add_argument("--vectors", "--size", type=int, default=1_000_000, help="synthetic global vectors for (b) (default 1000000)")
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("-k", type=int, default=16, help="neighbours per photo in the candidate stage (default 16)")
     p.add_argument("--nprobe", type=int, default=64, help="IVF lists probed (default 64, the command's default)")
     p.add_argument("--kind", default=None, help="FAISS factory string for (b) (default: what dinosearch chooses for --vectors)")
     p.add_argument("--sample", type=int, default=2000, help="queries checked by exact range search (default 2000)")
+    p.add_argument("--baseline", type=int, default=5000, help="photos timed on the per-photo k-NN baseline (default 5000)")
     p.add_argument("--pairs", type=int, default=2000, help="pairs timed for verification (default 2000)")
     p.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     p.add_argument("--skip-suite", action="store_true")
@@ -267,7 +282,7 @@ def main() -> None:
     if not a.skip_suite:
         engine = suite(work, a.sources, a.distractors, a.model, a.workers)
     if not a.skip_scale:
-        scale(a.vectors, a.dim, a.k, a.nprobe, a.sample, engine, a.pairs, a.kind)
+        scale(a.vectors, a.dim, a.k, a.nprobe, a.sample, engine, a.pairs, a.kind, a.baseline)
     if a.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -17,6 +17,7 @@ itself a verified link (complete linkage), so a long chain of weak links cannot 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import os
 import shutil
 import sqlite3
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,36 +71,97 @@ class DuplicateConfig:
 
 # ---------------------------------------------------------------- level 1: candidates
 
+JOIN_MIN = 20_000  # a whole pass over at least this many photos takes its candidates from the clustered join
+
+
 def candidate_pairs(index: faiss.Index, ids: np.ndarray, xb: np.ndarray, k: int, min_cosine: float,
-                    *, nprobe: int = 64, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+                    *, nprobe: int = 64, batch: int = 4096, join: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i < j) of ids whose global vectors are among each other's k nearest with cosine >= min_cosine.
 
     index: the global index (inner product on L2-normalized vectors); ids [n], xb [n, D] its vectors.
+    A few photos (an incremental check) are searched in ``index``; a pass over the whole index (``join``; by
+    default when it holds JOIN_MIN photos or more) uses join_pairs instead, whose cost grows as n^1.5, not n^2.
     Returns (pairs int64 [m, 2], cosine float32 [m]), sorted, each pair once.
     """
     ids = np.asarray(ids, np.int64)
     assert len(ids) == len(xb), (len(ids), xb.shape)
     if not len(ids) or index.ntotal < 2:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    if (join if join is not None else (len(ids) == index.ntotal and len(ids) >= JOIN_MIN)):
+        ivf = faiss.try_extract_index_ivf(index)
+        q, j, cos = join_pairs(xb, k, min_cosine, quantizer=ivf.quantizer if ivf is not None else None)
+        return _unique_pairs(ids[q], ids[j], cos)
     ivf = faiss.try_extract_index_ivf(index)
     params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe)) if ivf is not None else None  # the index's own
     kk = min(k + 1, int(index.ntotal))  # nprobe (what searches use) is left as it is
-    out_p, out_d = [], []
+    out_q, out_i, out_d = [], [], []
     for s in range(0, len(ids), batch):
         xq = np.ascontiguousarray(xb[s:s + batch], dtype=np.float32)
         D, I = index.search(xq, kk, params=params)
         q = np.repeat(ids[s:s + batch], kk)
         I, D = I.ravel(), D.ravel()
         ok = (I >= 0) & (I != q) & (D >= min_cosine)
-        a, b = np.minimum(q[ok], I[ok]), np.maximum(q[ok], I[ok])
-        out_p.append(np.stack([a, b], 1))
-        out_d.append(D[ok])
-    pairs, cos = np.concatenate(out_p), np.concatenate(out_d).astype(np.float32)
+        out_q.append(q[ok]), out_i.append(I[ok]), out_d.append(D[ok])
+    return _unique_pairs(np.concatenate(out_q), np.concatenate(out_i), np.concatenate(out_d))
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray, cos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b, cosine) found from either side -> sorted pairs (min, max), each once."""
+    pairs = np.stack([np.minimum(a, b), np.maximum(a, b)], 1).astype(np.int64)
+    cos = np.asarray(cos, np.float32)
     if not len(pairs):
         return pairs, cos
     key = pairs[:, 0] * (int(pairs.max()) + 1) + pairs[:, 1]
     _, first = np.unique(key, return_index=True)
     return pairs[first], cos[first]
+
+
+def join_pairs(xb: np.ndarray, k: int, min_cosine: float, *, quantizer: faiss.Index | None = None,
+               probe: int = 3, block: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each vector's k nearest others with cosine >= min_cosine, within the clusters it falls in: an IVF self-join.
+
+    xb [n, D] L2-normalized. The vectors are clustered (``quantizer``: an IVF index's own, else FAISS spherical
+    k-means with sqrt(probe * n) centroids, trained on a sample of 64 per centroid) and each vector is compared, by matrix products, with the
+    members of its ``probe`` nearest clusters: ~probe * n^1.5 * D operations instead of n^2 * D, and in GEMM rather
+    than one query at a time (a per-query IVF scan of the same lists is several times slower). Near-copies fall in
+    the same cluster or the next one (scripts/bench_duplicates.py measures the recall against an exact range search).
+    Returns rows (q, j, cosine) into xb, at most k per q.
+    """
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    n, d = xb.shape
+    if quantizer is None:
+        nlist = max(1, int(np.sqrt(probe * n)))  # balances the assignment (n * nlist) and the join (probe * n^2 / nlist)
+        km = faiss.Kmeans(d, nlist, niter=10, spherical=True, max_points_per_centroid=64, seed=seed)
+        km.train(xb)
+        quantizer = km.index
+    nlist = int(quantizer.ntotal)
+    _, A = quantizer.search(xb, min(probe, nlist))  # [n, probe] the nearest clusters of each vector
+    home = A[:, 0]  # members: each vector in its nearest cluster; queries: each vector in every probed one
+    members = np.argsort(home, kind="stable")
+    mb = np.searchsorted(home[members], np.arange(nlist + 1))
+    ql = A.ravel()
+    queries = np.argsort(ql, kind="stable")
+    qb = np.searchsorted(ql[queries], np.arange(nlist + 1))
+    queries //= A.shape[1]  # position in A.ravel() -> vector
+    out_q, out_j, out_s = [], [], []
+    for c in range(nlist):
+        mem, qs = members[mb[c]:mb[c + 1]], queries[qb[c]:qb[c + 1]]
+        if len(mem) == 0 or len(qs) == 0:
+            continue
+        xm = xb[mem]
+        for s in range(0, len(qs), block):
+            q = qs[s:s + block]
+            r, c = np.nonzero(xb[q] @ xm.T >= min_cosine)  # few pass: one comparison per product, no sort
+            ok = q[r] != mem[c]  # a vector is not its own neighbour
+            r, c = r[ok], c[ok]
+            out_q.append(q[r]), out_j.append(mem[c]), out_s.append(np.einsum("ij,ij->i", xb[q[r]], xb[mem[c]]))
+    if not out_q:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    q, j, cos = np.concatenate(out_q), np.concatenate(out_j), np.concatenate(out_s)
+    o = np.lexsort((-cos, q))  # each query's k best over its clusters
+    q, j, cos = q[o], j[o], cos[o]
+    keep = np.arange(len(q)) - np.searchsorted(q, q) < k
+    return q[keep], j[keep], cos[keep]
 
 
 # ---------------------------------------------------------------- level 2: verification
@@ -142,37 +205,6 @@ def _to_grid(r: np.ndarray, c: np.ndarray, g: int, sym: tuple[bool, bool, bool])
     return r, c
 
 
-def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares y = s*x + t (s = 1 when x has no spread)."""
-    if np.ptp(x) < 1e-6:
-        return 1.0, float(np.mean(y - x))
-    s, t = np.polyfit(x.astype(np.float64), y.astype(np.float64), 1)
-    return float(s), float(t)
-
-
-def _agreement(sim: np.ndarray, grid: int, sym, fy: tuple[float, float], fx: tuple[float, float], tau: float,
-               top: np.ndarray, mid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cells of a inside the overlap, and whether each agrees: some cell of b within one cell of where the
-    transform maps it is within ``tau`` of a's best match anywhere in b (so flat regions, where many cells tie,
-    agree as they should); ``tau`` is a share of the gap between a's best and its median match, so photos whose
-    patches are all alike (random weights) do not agree by default. Returns (cells of a in the overlap, agree [bool], their b cells in b's own grid)."""
-    r = np.repeat(np.arange(grid), grid).astype(np.float64)
-    c = np.tile(np.arange(grid), grid).astype(np.float64)
-    rb, cb = fy[0] * r + fy[1], fx[0] * c + fx[1]
-    inside = (rb > -0.5) & (rb < grid - 0.5) & (cb > -0.5) & (cb < grid - 0.5)
-    cells = np.flatnonzero(inside)
-    rb, cb = np.rint(rb[inside]).astype(int), np.rint(cb[inside]).astype(int)
-    best = np.full(len(cells), -np.inf, np.float32)
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            rr, cc = np.clip(rb + dr, 0, grid - 1), np.clip(cb + dc, 0, grid - 1)
-            r0, c0 = _from_grid(rr, cc, grid, sym)
-            best = np.maximum(best, sim[cells, r0 * grid + c0])
-    r0, c0 = _from_grid(rb, cb, grid, sym)
-    top, mid = top[cells], mid[cells]  # each row's best and median match, computed once per pair
-    return cells, best >= top - tau * (top - mid), r0 * grid + c0
-
-
 def _from_grid(r: np.ndarray, c: np.ndarray, g: int, sym: tuple[bool, bool, bool]) -> tuple[np.ndarray, np.ndarray]:
     """The inverse of _to_grid: cells seen through a symmetry -> the grid's own cells."""
     t, fr, fc = sym
@@ -185,21 +217,109 @@ def _from_grid(r: np.ndarray, c: np.ndarray, g: int, sym: tuple[bool, bool, bool
     return r, c
 
 
-def verify(xa: np.ndarray, xb: np.ndarray, grid: int, *, min_matches: int = 8, tol: float = 1.0, tau: float = 0.1,
-           max_scale: float = 4.0, hypotheses: int = 24) -> Match | None:
-    """Geometric verification of two photos on their patch grids.
+@functools.lru_cache(maxsize=8)
+def _tables(grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the 8 symmetries at once: each own cell's (row, col) in the symmetric view [8, g2] each, and the own
+    cell under each view cell [8, g2]."""
+    k = np.arange(grid * grid)
+    rows, cols, own = [], [], []
+    for sym in DIHEDRAL:
+        r, c = _to_grid(k // grid, k % grid, grid, sym)
+        rows.append(r), cols.append(c)
+        r0, c0 = _from_grid(k // grid, k % grid, grid, sym)
+        own.append(r0 * grid + c0)
+    return np.array(rows), np.array(cols), np.array(own)
 
-    xa, xb: [grid*grid, D] patch vectors (row-major cells), L2-normalized (approximately: decoded codes).
-    Mutual nearest patches are found once. Each of the 8 grid symmetries reinterprets b's cells; the per-axis
-    scale + shift most mutual matches agree on (within ``tol`` cells) is found from pairs of the
-    ``hypotheses`` strongest matches and refit on its inliers by least squares. The transform is then scored
-    from both sides: the share of each photo's overlapping cells whose mapped cell (or a neighbour) is within
-    ``tau`` (of the gap to the median) of their best match anywhere in the other photo; the score is the smaller share. Returns the best
+
+def _fit(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares y = s*x + t over the cells ``m`` marks, for each row at once (s = 1 where x has no spread).
+    x [M], y and m [S, M] -> s, t [S]."""
+    n = np.maximum(m.sum(1), 1)
+    mx, my = (m * x).sum(1) / n, (m * y).sum(1) / n
+    dx = np.where(m, x - mx[:, None], 0.0)
+    var = (dx * dx).sum(1)
+    spread = np.where(m, x, -np.inf).max(1) - np.where(m, x, np.inf).min(1)
+    flat = spread < 1e-6
+    sl = np.where(flat, 1.0, (dx * (y - my[:, None])).sum(1) / np.where(flat, 1.0, var))
+    return sl, my - sl * mx
+
+
+def _agreement(sim: np.ndarray, grid: int, rows: np.ndarray, own: np.ndarray, fy: np.ndarray, fx: np.ndarray,
+               tau: float, top: np.ndarray, mid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For S transforms at once, which cells of the rows' photo lie inside the overlap and which of those agree:
+    some cell within one of where the transform maps it (in the columns' photo seen through the symmetry whose
+    own-cell table is ``own`` [S, g2]) is within ``tau`` of the cell's best match anywhere (so flat regions, where
+    many cells tie, agree as they should); ``tau`` is a share of the gap between the best and the median match,
+    so photos whose patches are all alike (random weights) do not agree by default.
+    sim [g2, g2]; rows [S, g2] the row of sim under each cell of the rows' photo as transform s sees it; fy, fx
+    [S, 2] (scale, shift) per axis; top, mid [S, g2] each of those cells' best and median match.
+    Returns inside, agree [S, g2] (bool) and the share of the inside cells that agree [S] (NaN where none is)."""
+    r = np.repeat(np.arange(grid), grid).astype(np.float64)
+    c = np.tile(np.arange(grid), grid).astype(np.float64)
+    rb, cb = fy[:, :1] * r + fy[:, 1:], fx[:, :1] * c + fx[:, 1:]  # [S, g2]
+    inside = (rb > -0.5) & (rb < grid - 0.5) & (cb > -0.5) & (cb < grid - 0.5)
+    rb = np.rint(np.clip(rb, -1, grid)).astype(np.int64)
+    cb = np.rint(np.clip(cb, -1, grid)).astype(np.int64)
+    sidx = np.arange(len(own))[:, None]
+    best = np.full(rb.shape, -np.inf, np.float32)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            view = np.clip(rb + dr, 0, grid - 1) * grid + np.clip(cb + dc, 0, grid - 1)
+            best = np.maximum(best, sim[rows, own[sidx, view]])
+    agree = inside & (best >= top - tau * (top - mid))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = agree.sum(1) / inside.sum(1)
+    return inside, agree, share
+
+
+def verify(xa: np.ndarray, xb: np.ndarray, grid: int, **kw) -> Match | None:
+    """Geometric verification of two photos on their patch grids (see verify_sim).
+
+    xa, xb: [grid*grid, D] patch vectors (row-major cells), L2-normalized (approximately: decoded codes)."""
+    g2 = grid * grid
+    assert xa.shape == xb.shape and xa.shape[0] == g2, (xa.shape, xb.shape, grid)
+    return verify_sim(np.asarray(xa, np.float32) @ np.asarray(xb, np.float32).T, grid, **kw)
+
+
+def verify_pairs(xa: np.ndarray, xb: np.ndarray, grid: int, *, block: int = 16, workers: int | None = None,
+                 **kw) -> list[Match | None]:
+    """verify for many pairs at once: xa, xb [m, g2, D] (pair i = xa[i], xb[i]). The similarity matrices are made a
+    block of pairs at a time (one batched matmul); blocks run on ``workers`` threads (default: one per core) with
+    BLAS held to one thread each (numpy releases the GIL, so the cores verify pairs side by side instead of one
+    BLAS call at a time fighting over them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    assert xa.shape == xb.shape and xa.ndim == 3 and xa.shape[1] == grid * grid, (xa.shape, xb.shape, grid)
+
+    def run(s: int) -> list[Match | None]:
+        sims = np.matmul(np.asarray(xa[s:s + block], np.float32), np.asarray(xb[s:s + block], np.float32).transpose(0, 2, 1))
+        return [verify_sim(sim, grid, **kw) for sim in sims]
+
+    starts = range(0, len(xa), block)
+    with threadpool_limits(1, user_api="blas"):
+        if len(starts) <= 1:
+            return [m for s in starts for m in run(s)]
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as ex:
+            return [m for part in ex.map(run, starts) for m in part]
+
+
+def verify_sim(sim: np.ndarray, grid: int, *, min_matches: int = 8, tol: float = 1.0, tau: float = 0.1,
+               max_scale: float = 4.0, hypotheses: int = 24) -> Match | None:
+    """Geometric verification of photo a against photo b from their patch similarity matrix sim [g2, g2].
+
+    Mutual nearest patches are found once. Each of the 8 grid symmetries reinterprets b's cells (all 8 scored at
+    once, as arrays with a leading axis of 8); the per-axis scale + shift most mutual matches agree on (within
+    ``tol`` cells) is found from pairs of the ``hypotheses`` strongest matches and from each of them alone as a
+    pure shift, and refit on its inliers by least squares. The transform is then scored from both sides: the share
+    of each photo's overlapping cells whose mapped cell (or a neighbour) is within ``tau`` (of the gap to the
+    median) of their best match anywhere in the other photo; the score is the smaller share. Returns the best
     symmetry's Match, or None when fewer than ``min_matches`` mutual matches agree on any transform.
     """
     g2 = grid * grid
-    assert xa.shape == xb.shape and xa.shape[0] == g2, (xa.shape, xb.shape, grid)
-    sim = np.asarray(xa, np.float32) @ np.asarray(xb, np.float32).T
+    sim = np.asarray(sim, np.float32)
+    assert sim.shape == (g2, g2), (sim.shape, grid)
     ia, ib = sim.argmax(1), sim.argmax(0)
     a = np.flatnonzero(ib[ia] == np.arange(g2))  # mutual nearest: a's cell a[i] <-> b's cell ia[a[i]]
     if len(a) < min_matches:
@@ -207,75 +327,67 @@ def verify(xa: np.ndarray, xb: np.ndarray, grid: int, *, min_matches: int = 8, t
     b = ia[a]
     s = sim[a, b]
     ra, ca = (a // grid).astype(np.float64), (a % grid).astype(np.float64)
-    rb0, cb0 = b // grid, b % grid
-    top_a, mid_a = sim.max(1), np.median(sim, 1)
-    top_b, mid_b = sim.max(0), np.median(sim, 0)
+    vr, vc, own = _tables(grid)
+    RB, CB = vr[:, b].astype(np.float64), vc[:, b].astype(np.float64)  # b's matched cells in each view [8, M]
     top = np.argsort(-s, kind="stable")[:hypotheses]
     i, j = np.triu_indices(len(top), 1)
     i, j = top[i], top[j]
-    best = None
+    ok = (np.abs(ra[j] - ra[i]) >= 1) & (np.abs(ca[j] - ca[i]) >= 1)
+    hi, hj = i[ok], j[ok]
     with np.errstate(divide="ignore", invalid="ignore"):
-        for sym in DIHEDRAL:
-            rb, cb = (v.astype(np.float64) for v in _to_grid(rb0, cb0, grid, sym))
-            ok = (np.abs(ra[j] - ra[i]) >= 1) & (np.abs(ca[j] - ca[i]) >= 1)
-            hi, hj = i[ok], j[ok]
-            sy, sx = (rb[hj] - rb[hi]) / (ra[hj] - ra[hi]), (cb[hj] - cb[hi]) / (ca[hj] - ca[hi])
-            ok = (sy > 1 / max_scale) & (sy < max_scale) & (sx > 1 / max_scale) & (sx < max_scale)
-            ok &= np.abs(np.log(np.where(ok, sy / sx, 1.0))) < np.log(2.5)  # an aspect change of at most 2.5x
-            hi, sy, sx = hi[ok], sy[ok], sx[ok]
-            # the plain-shift hypotheses (scale 1) from every single match, so few matches still give one
-            sy = np.concatenate([sy, np.ones(len(top))])
-            sx = np.concatenate([sx, np.ones(len(top))])
-            hi = np.concatenate([hi, top])
-            ty, tx = rb[hi] - sy * ra[hi], cb[hi] - sx * ca[hi]
-            inl = (np.abs(sy[:, None] * ra[None] + ty[:, None] - rb[None]) <= tol) & \
-                  (np.abs(sx[:, None] * ca[None] + tx[:, None] - cb[None]) <= tol)
-            h = int(inl.sum(1).argmax())
-            m = inl[h]
-            fy, fx = (float(sy[h]), float(ty[h])), (float(sx[h]), float(tx[h]))
-            for _ in range(2):  # refit on the inliers by least squares, kept if it agrees with no fewer
-                ny, nx = _fit(ra[m], rb[m]), _fit(ca[m], cb[m])
-                if not (1 / max_scale < ny[0] < max_scale and 1 / max_scale < nx[0] < max_scale):
-                    break
-                m2 = (np.abs(ny[0] * ra + ny[1] - rb) <= tol) & (np.abs(nx[0] * ca + nx[1] - cb) <= tol)
-                if m2.sum() < m.sum():
-                    break
-                m, fy, fx = m2, ny, nx
-            n = int(m.sum())
-            if n < min_matches:
-                continue
-            cells_a, agree_a, _ = _agreement(sim, grid, sym, fy, fx, tau, top_a, mid_a)
-            inv_y, inv_x = (1 / fy[0], -fy[1] / fy[0]), (1 / fx[0], -fx[1] / fx[0])
-            # b's side: b's cells (in the symmetric view) mapped back into a
-            own = _view(grid, sym)
-            cells_bt, agree_b, _ = _agreement(sim.T[own], grid, _IDENTITY, inv_y, inv_x, tau, top_b[own], mid_b[own])
-            if not len(cells_a) or not len(cells_bt):
-                continue
-            score = min(agree_a.mean(), agree_b.mean())
-            mean_sim = float(s[m].mean())
-            if best is None or score > best[0] + 1e-9 or (abs(score - best[0]) <= 1e-9 and n > best[1]):
-                ok_a = cells_a[agree_a] if agree_a.any() else cells_a
-                ok_bt = cells_bt[agree_b] if agree_b.any() else cells_bt
-                rbo, cbo = _from_grid(ok_bt // grid, ok_bt % grid, grid, sym)
-                best = (float(score), n, sym, fy, fx, mean_sim, ok_a, (rbo, cbo))
+        sy, sx = (RB[:, hj] - RB[:, hi]) / (ra[hj] - ra[hi]), (CB[:, hj] - CB[:, hi]) / (ca[hj] - ca[hi])
+        valid = (sy > 1 / max_scale) & (sy < max_scale) & (sx > 1 / max_scale) & (sx < max_scale)
+        valid &= np.abs(np.log(np.where(valid, sy / sx, 1.0))) < np.log(2.5)  # an aspect change of at most 2.5x
+    # the plain-shift hypotheses (scale 1) from every single match, so few matches still give one
+    sy = np.concatenate([sy, np.ones((8, len(top)))], 1)
+    sx = np.concatenate([sx, np.ones((8, len(top)))], 1)
+    valid = np.concatenate([valid, np.ones((8, len(top)), bool)], 1)
+    hi = np.concatenate([hi, top])
+    ty, tx = RB[:, hi] - sy * ra[hi], CB[:, hi] - sx * ca[hi]  # [8, H]
+    f4 = np.float32  # the [8, H, M] inlier test in single precision (cells are small integers): half the memory traffic
+    inl = (np.abs(sy.astype(f4)[..., None] * ra.astype(f4) + ty.astype(f4)[..., None] - RB.astype(f4)[:, None]) <= tol) & \
+          (np.abs(sx.astype(f4)[..., None] * ca.astype(f4) + tx.astype(f4)[..., None] - CB.astype(f4)[:, None]) <= tol)
+    h = np.where(valid, inl.sum(2), -1).argmax(1)
+    sel = np.arange(8)
+    m = inl[sel, h]  # [8, M]
+    fy = np.stack([sy[sel, h], ty[sel, h]], 1)
+    fx = np.stack([sx[sel, h], tx[sel, h]], 1)
+    live = np.ones(8, bool)
+    for _ in range(2):  # refit on the inliers by least squares, kept if it agrees with no fewer
+        ny, nx = np.stack(_fit(ra, RB, m), 1), np.stack(_fit(ca, CB, m), 1)
+        live &= (1 / max_scale < ny[:, 0]) & (ny[:, 0] < max_scale) & (1 / max_scale < nx[:, 0]) & (nx[:, 0] < max_scale)
+        m2 = (np.abs(ny[:, :1] * ra + ny[:, 1:] - RB) <= tol) & (np.abs(nx[:, :1] * ca + nx[:, 1:] - CB) <= tol)
+        live &= m2.sum(1) >= m.sum(1)
+        m, fy, fx = np.where(live[:, None], m2, m), np.where(live[:, None], ny, fy), np.where(live[:, None], nx, fx)
+    n = m.sum(1)
+    top_a, mid_a = sim.max(1), np.median(sim, 1)
+    top_b, mid_b = sim.max(0), np.median(sim, 0)
+    ident = np.broadcast_to(np.arange(g2), (8, g2))
+    in_a, agree_a, share_a = _agreement(sim, grid, ident, own, fy, fx, tau, np.broadcast_to(top_a, (8, g2)),
+                                        np.broadcast_to(mid_a, (8, g2)))
+    # b's side: b's cells in each symmetric view (rows own[k] of sim.T) mapped back into a by the inverse
+    with np.errstate(divide="ignore"):
+        iy = np.stack([1 / fy[:, 0], -fy[:, 1] / fy[:, 0]], 1)
+        ix = np.stack([1 / fx[:, 0], -fx[:, 1] / fx[:, 0]], 1)
+    in_b, agree_b, share_b = _agreement(np.ascontiguousarray(sim.T), grid, own, ident, iy, ix, tau, top_b[own], mid_b[own])
+    score = np.fmin(share_a, share_b)  # NaN where one side has no cell inside the overlap
+    best = None
+    for k in range(8):
+        if n[k] < min_matches or np.isnan(share_a[k]) or np.isnan(share_b[k]):
+            continue
+        if best is None or score[k] > score[best] + 1e-9 or (abs(score[k] - score[best]) <= 1e-9 and n[k] > n[best]):
+            best = k
     if best is None:
         return None
-    score, n, sym, fy, fx, mean_sim, ok_a, (rbo, cbo) = best
+    k = best
+    ok_a = np.flatnonzero(agree_a[k] if agree_a[k].any() else in_a[k])
+    ok_bt = np.flatnonzero(agree_b[k] if agree_b[k].any() else in_b[k])
+    rbo, cbo = _from_grid(ok_bt // grid, ok_bt % grid, grid, DIHEDRAL[k])
     rr, cc = ok_a // grid, ok_a % grid
     cells_a = (int(cc.min()), int(rr.min()), int(cc.max()) + 1, int(rr.max()) + 1)
     cells_b = (int(cbo.min()), int(rbo.min()), int(cbo.max()) + 1, int(rbo.max()) + 1)
-    return Match(score, n, DIHEDRAL_NAMES[sym], (round(fy[0], 3), round(fx[0], 3)), (round(fy[1], 2), round(fx[1], 2)),
-                 cells_a, cells_b, round(mean_sim, 4))
-
-
-_IDENTITY = (False, False, False)
-
-
-def _view(grid: int, sym) -> np.ndarray:
-    """b's own cell under each cell of its symmetric view (index k of the result = view cell k)."""
-    k = np.arange(grid * grid)
-    r0, c0 = _from_grid(k // grid, k % grid, grid, sym)
-    return r0 * grid + c0
+    return Match(float(score[k]), int(n[k]), DIHEDRAL_NAMES[DIHEDRAL[k]], (round(float(fy[k, 0]), 3), round(float(fx[k, 0]), 3)),
+                 (round(float(fy[k, 1]), 2), round(float(fx[k, 1]), 2)), cells_a, cells_b, round(float(s[m[k]].mean()), 4))
 
 
 def cells_to_box(cells: tuple[int, int, int, int], size: tuple[int, int], grid: int) -> tuple[int, int, int, int]:
@@ -410,22 +522,55 @@ class Link:
 
 
 class _Finder:
-    """Verification with caches shared by the pairs of one run (patch grids, pixel digests)."""
+    """Verification with caches shared by the pairs of one run: patch grids (decoded once, least recently used
+    dropped past ``cache_mb``) and pixel digests."""
 
-    def __init__(self, engine, config: DuplicateConfig):
+    def __init__(self, engine, config: DuplicateConfig, *, cache_mb: int = 256):
         self.e, self.cfg = engine, config
         self.grid = engine.manifest.grid
         self._pix: dict[int, str | None] = {}
+        self._grids: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cap = max(64, cache_mb * 2**20 // (self.grid**2 * engine.manifest.dim * 4))
+        self.decoded = 0  # grids decoded from the patch index (a photo dropped from the cache and needed again counts twice)
 
     def pixels(self, p: Photo) -> str | None:
         if p.id not in self._pix:
             self._pix[p.id] = pixel_digest(p.path, self.e.config.max_pixels) if p.present else None
         return self._pix[p.id]
 
-    def link(self, a: Photo, b: Photo, xa: np.ndarray, xb: np.ndarray, cosine: float) -> Link | None:
+    def grids(self, ids: list[int]) -> dict[int, np.ndarray]:
+        """Patch grids [g2, D] of photos, from the cache or decoded (all missing ones in one call)."""
+        missing = sorted({i for i in ids if i not in self._grids})
+        if missing:
+            for i, x in zip(missing, self.e.photo_patches(missing)):
+                self._grids[i] = x
+            self.decoded += len(missing)
+        out = {}
+        for i in ids:
+            self._grids.move_to_end(i)
+            out[i] = self._grids[i]
+        while len(self._grids) > max(self._cap, len(out)):
+            self._grids.popitem(last=False)
+        return out
+
+    def links(self, pairs: list[tuple[Photo, Photo]], cosines: list[float], *, block: int = 256) -> list[Link | None]:
+        """The verified link of each pair (None: not linked), verified a block of pairs at a time."""
+        out: list[Link | None] = []
+        for s in range(0, len(pairs), block):
+            part, cos = pairs[s:s + block], cosines[s:s + block]
+            todo = [n for n, (a, b) in enumerate(part) if not (a.hash and a.hash == b.hash)]
+            matches: dict[int, Match | None] = {}
+            if todo:
+                xp = self.grids([p.id for n in todo for p in part[n]])
+                xa = np.stack([xp[part[n][0].id] for n in todo])
+                xb = np.stack([xp[part[n][1].id] for n in todo])
+                matches = dict(zip(todo, verify_pairs(xa, xb, self.grid, min_matches=self.cfg.min_matches)))
+            out += [self._link(a, b, matches.get(n), c) for n, ((a, b), c) in enumerate(zip(part, cos))]
+        return out
+
+    def _link(self, a: Photo, b: Photo, m: Match | None, cosine: float) -> Link | None:
         if a.hash and a.hash == b.hash:
             return Link(a.id, b.id, "exact", 1.0, None, cosine)
-        m = verify(xa, xb, self.grid, min_matches=self.cfg.min_matches)
         if m is None or m.score < self.cfg.threshold:
             return None
         if (self.cfg.pixels and m.identity and m.score >= 0.9 and (a.width, a.height) == (b.width, b.height)
@@ -468,7 +613,7 @@ def group_links(links: list[Link]) -> list[list[int]]:
 
 
 def find_links(engine, config: DuplicateConfig = DuplicateConfig(), *, only: list[int] | None = None,
-               finder: _Finder | None = None) -> tuple[list[Link], dict[int, Photo]]:
+               finder: _Finder | None = None, block: int = 256) -> tuple[list[Link], dict[int, Photo]]:
     """Verified links between indexed photos (``only``: the links of these photos, to any indexed photo)."""
     from indexer.store import reconstruct_all
 
@@ -502,18 +647,9 @@ def find_links(engine, config: DuplicateConfig = DuplicateConfig(), *, only: lis
     involved = sorted(set(pairs.ravel().tolist()))
     photos = load_photos(db, involved)
     finder = finder or _Finder(engine, config)
-    links: list[Link] = []
-    for s in range(0, len(pairs), 256):  # patch grids decoded for a block of pairs at a time
-        block = pairs[s:s + 256]
-        uniq = sorted(set(block.ravel().tolist()) & set(photos))
-        if not uniq:
-            continue
-        xp = dict(zip(uniq, engine.photo_patches(uniq)))
-        for (a, b), c in zip(block.tolist(), cos[s:s + 256].tolist()):
-            if a in photos and b in photos:
-                lk = finder.link(photos[a], photos[b], xp[a], xp[b], c)
-                if lk is not None:
-                    links.append(lk)
+    todo = [(a, b, c) for (a, b), c in zip(pairs.tolist(), cos.tolist()) if a in photos and b in photos]
+    found = finder.links([(photos[a], photos[b]) for a, b, _ in todo], [c for _, _, c in todo], block=block)
+    links = [lk for lk in found if lk is not None]
     return links, photos
 
 
@@ -528,15 +664,14 @@ def build_groups(engine, links: list[Link], photos: dict[int, Photo], config: Du
         ps = [photos[i] for i in ids]
         keep, reasons = choose_keeper(ps)
         ref = keep if keep is not None else ids[0]
-        xp = dict(zip(ids, engine.photo_patches(ids)))
-        members = []
+        via = [p for p in ps if p.id != ref and (min(p.id, ref), max(p.id, ref)) not in by_pair]
+        direct = dict(zip((p.id for p in via), finder.links([(photos[ref], p) for p in via], [float("nan")] * len(via))))
+        members = []  # a member linked only through others is verified against the keeper directly, for score and box
         for p in ps:
             if p.id == ref:
                 members.append(Member(p, 1.0, (0, 0, p.width, p.height), "keep" if keep is not None else "gone"))
                 continue
-            lk = by_pair.get((min(p.id, ref), max(p.id, ref)))
-            if lk is None:  # linked through other members: verify against the keeper directly for score and box
-                lk = finder.link(photos[ref], p, xp[ref], xp[p.id], float("nan"))  # (no global cosine: not a candidate)
+            lk = by_pair.get((min(p.id, ref), max(p.id, ref))) or direct.get(p.id)
             m = lk.match if lk is not None else None
             box = None
             if m is not None:

@@ -326,7 +326,9 @@ class Engine:
         if not f.active:
             return None
         where, args = self._filter_sql(f)
-        rows = self.db.execute(f"SELECT p.id, m.lat, m.lon FROM photos p LEFT JOIN meta m ON m.photo_id = p.id WHERE {where}",
+        # a metadata filter reads meta first (CROSS JOIN fixes that order: SQLite would otherwise walk every indexed
+        # photo through photos_status, ~8x slower for a narrow date range), so its date index does the narrowing
+        rows = self.db.execute(f"SELECT p.id, m.lat, m.lon FROM meta m CROSS JOIN photos p ON p.id = m.photo_id WHERE {where}",
                                args).fetchall() if "m." in where else self.db.execute(
             f"SELECT p.id, NULL, NULL FROM photos p WHERE {where}", args).fetchall()
         ids = {r[0] for r in self._near(rows, f, 1, 2)}
@@ -685,18 +687,22 @@ class Engine:
             paths = self.path_of(ids.tolist())
             return [Hit(int(i), paths.get(int(i), "?"), float(s)) for i, s in zip(ids, scores)]
         allowed = self._allowed(allowed, label)
-        exact = self.manifest.global_kind == "Flat"
+        if allowed is not None and not allowed:
+            return []
+        plan = self.global_plan(allowed)
+        exact = plan == "flat"
         kk = min(n, k if exact else max(4 * k, 64))
         params = None
-        if allowed is not None:
-            if not allowed:
-                return []
-            params = only_ids(self.global_index, np.fromiter(allowed, np.int64))
-        with self._lock:
-            D, I = self.global_index.search(xq, kk, params=params)
-        ids = I[0][I[0] >= 0]
-        scores = D[0][: len(ids)]
-        if allowed is not None and len(ids) < min(k, len(allowed)):  # an IVF probe missed photos the filter passes:
+        if plan == "scan":
+            ids, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        else:
+            if allowed is not None:
+                params = only_ids(self.global_index, np.fromiter(allowed, np.int64))
+            with self._lock:
+                D, I = self.global_index.search(xq, kk, params=params)
+            ids = I[0][I[0] >= 0]
+            scores = D[0][: len(ids)]
+        if allowed is not None and len(ids) < min(k, len(allowed)):  # a scan, or an IVF probe missed photos that pass:
             ids = np.array(sorted(allowed), np.int64)  # score every one of them exactly, so k that exist are returned
             scores = self.global_vectors(ids) @ xq[0]
             order = np.argsort(-scores, kind="stable")
@@ -710,6 +716,20 @@ class Engine:
         paths = self.path_of(ids.tolist())
         return [Hit(int(i), paths.get(int(i), "?"), float(s)) for i, s in zip(ids, scores)]
 
+    SCAN_MAX = 4096  # a filter passing at most this many photos has them scored exactly (see global_plan)
+
+    def global_plan(self, allowed: set[int] | None) -> str:
+        """How a global search runs: "flat" (an exact index; a filter is a FAISS ID selector inside it), "ivf" (nprobe
+        lists, then an exact re-rank; a filter is an ID selector inside the probe, and the photos that pass are scored
+        exactly if the probe finds fewer than k), or "scan" (an IVF index and a filter that passes at most SCAN_MAX
+        photos: those are scored exactly, which is exact and cheap, where a probe would see only the few of them that
+        lie in its lists)."""
+        if self.vectors is not None or self.manifest.global_kind == "Flat":
+            return "flat"
+        if allowed is None:
+            return "ivf"
+        return "scan" if len(allowed) <= self.SCAN_MAX else "ivf"
+
     # -- one query model: plan and answer a SearchQuery
 
     def search(self, q: SearchQuery) -> SearchResult:
@@ -721,13 +741,17 @@ class Engine:
             score(x) = pos(x)                   if pos(x) > neg(x)  (x is nearer to a wanted example)
                        pos(x) - neg(x) - 2      otherwise           (nearer to an unwanted one: after all others)
 
-        sim is the cosine of CLS vectors for a whole-photo example and late interaction (region search's score)
-        for a region example, both on the cosine scale. A negative draws a boundary (the nearest example decides,
+        sim is the cosine of CLS vectors for a whole-photo example, late interaction (region search's score)
+        for a region example, and for an object example the cosine of the photo's best stored object (-1 for a
+        photo without objects): all on the cosine scale, so the kinds mix. Each hit says where it matched as the
+        like example it is nearest to sees it: a region's box and heat map, an object's box and mask.
+
+        A negative draws a boundary (the nearest example decides,
         as a 1-nearest-neighbour classifier of the user's labels) instead of being subtracted with a weight: a
         weighted penalty also sinks a wanted example's own copies whenever a negative looks like it, while the
         boundary keeps each positive's copies at the top (sim 1) and sends each negative's copies below every
         photo on the wanted side. Candidates are the union of each like example's own nearest photos (max(4k, 64)
-        each, inside the filter), scored exactly.
+        each, inside the filter: an object example's are the photos of its nearest objects), scored exactly.
         """
         allowed = self.filter_ids(q.filters)
         first = q.like[0]
@@ -735,14 +759,16 @@ class Engine:
             return self._search_one(first, q.k, allowed)
         pos = [self._scorer(e) for e in q.like]
         neg = [self._scorer(e) for e in q.unlike]
+        qo = pos[0].query_object
         n = len(self)
         if n == 0 or (allowed is not None and not allowed):
-            return SearchResult("feedback", [], self.example_size(first))
+            return SearchResult("feedback", [], self.example_size(first), qo)
         kk = min(n, max(4 * q.k, 64))
         cand = np.unique(np.concatenate([sc.candidates(kk, allowed) for sc in pos]))
         if len(cand) == 0:
-            return SearchResult("feedback", [], self.example_size(first))
-        p = np.max([sc.score(cand) for sc in pos], axis=0)
+            return SearchResult("feedback", [], self.example_size(first), qo)
+        ps = np.array([sc.score(cand) for sc in pos])  # [like examples, candidates]
+        p = ps.max(0)
         score = p
         if neg:
             m = np.max([sc.score(cand) for sc in neg], axis=0)
@@ -750,8 +776,10 @@ class Engine:
         order = np.lexsort((cand, -score))[: q.k]
         ids = cand[order].tolist()
         paths = self.path_of(ids)
-        hits = [Hit(int(i), paths.get(int(i), "?"), float(score[j])) for i, j in zip(ids, order)]
-        return SearchResult("feedback", hits, self.example_size(first))
+        best = ps[:, order].argmax(0)  # the like example each hit is nearest to says where it matched
+        hits = [pos[b].hit(int(i), paths.get(int(i), "?"), min(float(score[j]), 1.0))  # ranked unclipped, reported as a cosine
+                for i, j, b in zip(ids, order, best)]
+        return SearchResult("feedback", hits, self.example_size(first), qo)
 
     def example_size(self, e: Example) -> tuple[int, int]:
         """(width, height) of an example photo: the catalog's for an id, else read from its header."""
@@ -786,7 +814,8 @@ class Engine:
 
     def _scorer(self, e: Example) -> _Scorer:
         if e.mode == "objects":
-            raise BadQuery("object examples do not mix with like/unlike yet")
+            qo = self.query_object(e.source, point=e.point, box=e.box)
+            return _Scorer(self, qo.vector, None, objects=True, query_object=qo)
         if e.mode == "global":
             return _Scorer(self, self.embed_query(e.source), None)
         mask, _ = self._region_mask(e)
@@ -797,7 +826,30 @@ class Engine:
         else:
             m = np.asarray(mask)
             qmask = m.astype(bool) if m.shape == (grid, grid) else pixel_mask_to_grid(m, grid)
-        return _Scorer(self, None, np.ascontiguousarray(patches[qmask], dtype=np.float32))
+        return _Scorer(self, None, np.ascontiguousarray(patches[qmask], dtype=np.float32), qcells=np.flatnonzero(qmask))
+
+    def best_objects(self, v: np.ndarray, photo_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each photo, the cosine of its stored object most like ``v`` [D] and that object's id
+        (-1 and -1 for a photo without objects)."""
+        pid = np.asarray(photo_ids, np.int64)
+        q = ",".join("?" * len(pid))
+        rows = np.array(self._catalog_query(f"SELECT id, photo_id FROM objects WHERE photo_id IN ({q})", pid.tolist())
+                        if len(pid) else [], np.int64).reshape(-1, 2)
+        score, best = np.full(len(pid), -1.0, np.float32), np.full(len(pid), -1, np.int64)
+        if len(rows) == 0:
+            return score, best
+        if self.vectors is not None:
+            x = self.vectors.get("objects", rows[:, 0])
+        else:
+            with self._lock:
+                x = self.object_index.reconstruct_batch(rows[:, 0])
+        s = x @ np.asarray(v, np.float32)
+        sorter = np.argsort(pid)
+        slot = sorter[np.searchsorted(pid, rows[:, 1], sorter=sorter)]  # each object's photo, as a position in photo_ids
+        order = np.lexsort((-s, slot))  # per photo, its best object first
+        first = order[np.r_[True, slot[order][1:] != slot[order][:-1]]]
+        score[slot[first]], best[slot[first]] = s[first], rows[first, 0]
+        return score, best
 
     def global_vectors(self, photo_ids: np.ndarray) -> np.ndarray:
         """Stored CLS vectors [n, D] of indexed photos."""
@@ -806,23 +858,31 @@ class Engine:
             if self.vectors is not None:
                 return self.vectors.get("global", ids)
             with self._lock:
-                return np.stack([self.global_index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros(
-                    (0, self.manifest.dim), np.float32)
+                return self.global_index.reconstruct_batch(ids) if len(ids) else np.zeros(  # one C++ loop: the scan
+                    (0, self.manifest.dim), np.float32)  # plan reads up to SCAN_MAX vectors per query
         except (RuntimeError, KeyError):
             raise UnknownPhoto(f"photo ids {sorted(set(ids.tolist()))[:5]} are not all in the index") from None
 
 
 @dataclass
 class _Scorer:
-    """One feedback example: its nearest photos, and its similarity to any photo (cosine, or late interaction)."""
+    """One feedback example: its nearest photos, its similarity to any photo, and where it matched in one.
+
+    A whole photo scores by CLS cosine, a region by late interaction, an object by its cosine to the photo's best
+    stored object (a photo without objects scores -1 against it): all on the cosine scale, so they mix."""
 
     engine: Engine
-    vector: np.ndarray | None  # [D] whole-photo example
+    vector: np.ndarray | None  # [D] whole-photo or object example
     patches: np.ndarray | None  # [m, D] region example
+    qcells: np.ndarray | None = None  # the region's cells in its photo's grid
+    objects: bool = False  # ``vector`` is an object's: compared with the photos' stored objects
+    query_object: QueryObject | None = None
 
     def candidates(self, k: int, allowed: set[int] | None) -> np.ndarray:
         e = self.engine
-        if self.vector is not None:
+        if self.objects:
+            hits = e.objects_by_vector(self.vector, k, allowed=allowed)
+        elif self.vector is not None:
             hits = e.similar_by_vector(self.vector, k, allowed=allowed)
         else:
             hits = e.region_by_vectors(self.patches, k, allowed=allowed)
@@ -830,7 +890,25 @@ class _Scorer:
 
     def score(self, ids: np.ndarray) -> np.ndarray:
         e = self.engine
+        if self.objects:
+            return e.best_objects(self.vector, ids)[0]
         if self.vector is not None:
             return e.global_vectors(ids) @ np.asarray(self.vector, np.float32)
         xp = e.photo_patches(ids)
         return np.array([late_interaction(self.patches, xp[j])[0] for j in range(len(ids))], np.float32)
+
+    def hit(self, photo_id: int, path: str, score: float) -> Hit:
+        """A result this example ranked, with where it matched: the region's box and heat, or the best object."""
+        e = self.engine
+        if self.objects:
+            _, (oid,) = e.best_objects(self.vector, np.array([photo_id]))
+            o = next((o for o in e.objects_of([photo_id]).get(photo_id, []) if o["id"] == oid), None)
+            if o is None:
+                return Hit(photo_id, path, score)
+            return Hit(photo_id, path, score, o["box"], object_id=int(oid), mask=o["mask"])
+        if self.patches is None:
+            return Hit(photo_id, path, score)
+        _, sim = late_interaction(self.patches, e.photo_patches([photo_id])[0])
+        size = e.photo_size([photo_id]).get(photo_id, (e.manifest.resolution,) * 2)
+        box, heat = localize(sim, e.manifest.grid, size, self.qcells)
+        return Hit(photo_id, path, score, box, heat)

@@ -102,8 +102,6 @@ class SearchQuery:
             raise BadQuery("a search needs at least one example to be like")
         if self.k < 1:
             raise BadQuery(f"k must be at least 1, got {self.k}")
-        if (len(self.like) > 1 or self.unlike) and any(e.is_object for e in (*self.like, *self.unlike)):
-            raise BadQuery("object examples (objects, point) search alone: they do not mix with like/unlike yet")
 
 
 # -- parsers shared by the CLI and the HTTP API (each raises BadQuery with what was expected)
@@ -147,25 +145,51 @@ def parse_date(text: str | None, *, end: bool = False) -> str | None:
 
 
 _ID = re.compile(r"[0-9]+")
-_WITH_BOX = re.compile(r"^(?P<src>.+)@(?P<box>[-+0-9.eE]+(?:,[-+0-9.eE]+){3})$")
+_NUM = r"[-+0-9.eE]+"
+_AT = re.compile(rf"^(?P<src>.+)@(?P<at>{_NUM}(?:,{_NUM}){{3}}|object(?:={_NUM}(?:,{_NUM}){{3}})?|point={_NUM},{_NUM}|part=[0-9]+)$")
+EXAMPLE_FORMS = ("PHOTO (whole), PHOTO@X0,Y0,X1,Y1 (a region), PHOTO@part=N (part N of 5), PHOTO@object (its main "
+                 "object), PHOTO@object=X0,Y0,X1,Y1 (SAM's object in the box), PHOTO@point=X,Y (the object under a click)")
+
+
+def _split_at(text: str) -> tuple[str, str | None]:
+    """``PHOTO@FORM`` -> (PHOTO, FORM); a photo without a form -> (PHOTO, None)."""
+    m = _AT.match(text)
+    return (m["src"], m["at"]) if m is not None else (text, None)
+
+
+def _example(source: Source, at: str | None, size: tuple[int, int] | None = None) -> Example:
+    """An example from its source and what follows its @ (see EXAMPLE_FORMS)."""
+    if at is None:
+        return Example(source, size=size)
+    kind, _, value = at.partition("=")
+    if kind == "object":
+        return Example(source, objects=True, box=parse_box(value) if value else None, size=size)
+    if kind == "point":
+        return Example(source, point=parse_point(value), size=size)
+    if kind == "part":
+        return Example(source, part=int(value), size=size)
+    return Example(source, box=parse_box(at), size=size)
 
 
 def parse_example(text: str) -> Example:
-    """A command-line example: a photo id (only digits: ``42``), or a path (``./42`` names a file called 42),
-    either with ``@X0,Y0,X1,Y1`` after it for a region of it (``B.jpg@10,20,200,180``, ``42@0,0,80,80``)."""
-    box = None
-    m = _WITH_BOX.match(text)
-    if m is not None and not os.path.exists(text):  # a file really named "x@1,2,3,4" stays a file
-        text, box = m["src"], parse_box(m["box"])
-    return Example(photo_source(text), box=box)
+    """A command-line example: a photo id (only digits: ``42``) or a path (``./42`` names a file called 42), whole or
+    with one of EXAMPLE_FORMS after an @ (``B.jpg@10,20,200,180``, ``42@object``, ``42@point=30,40``)."""
+    src, at = (text, None) if os.path.exists(text) else _split_at(text)  # a file really named "x@1,2,3,4" stays a file
+    return _example(photo_source(src), at)
 
 
-def parse_id_example(text: str) -> Example:
-    """An HTTP example: an indexed photo id, with @X0,Y0,X1,Y1 for a region of it (never a path)."""
-    src, _, box = str(text).partition("@")
+def parse_id_example(text: str, uploads: list[tuple[bytes, tuple[int, int]]] = ()) -> Example:
+    """An HTTP example: an indexed photo id or ``upload:N`` (the N-th uploaded example file, from 0; its bytes and
+    size), whole or with one of EXAMPLE_FORMS after an @ (never a path)."""
+    src, at = _split_at(str(text))
+    if src.startswith("upload:") and _ID.fullmatch(src[7:]):
+        n = int(src[7:])
+        if n >= len(uploads):
+            raise BadQuery(f"{src} names upload {n}, but {len(uploads)} example files were sent (counted from 0)")
+        return _example(uploads[n][0], at, uploads[n][1])
     if not _ID.fullmatch(src):
-        raise BadQuery(f"expected an indexed photo id, optionally with @x0,y0,x1,y1, got {text!r}")
-    return Example(photo_source(src), box=parse_box(box) if box else None)
+        raise BadQuery(f"expected an indexed photo id or upload:N, optionally with @ and one of {EXAMPLE_FORMS}, got {text!r}")
+    return _example(photo_source(src), at)
 
 
 def photo_source(text: str) -> str | int:

@@ -225,6 +225,66 @@ def test_a_pasted_object_is_found_in_every_photo_with_its_box(tmp_path, embedder
     assert (first.photo_id, first.object_id, first.box) == (p03, main["id"], main["box"]) and first.score > 0.999
 
 
+def test_object_examples_mix_with_whole_photos_in_feedback(tmp_path, embedder, tiny_model):
+    """An object example scores a photo by its best object's cosine, next to whole-photo examples and negatives:
+    the same ranking as brute force over every stored object, each hit from the object example carrying that object,
+    the same through the CLI and HTTP."""
+    from conftest import local_client
+
+    from api.app import create_app
+    from api.settings import Settings
+    from search import Example, SearchQuery
+
+    folder, idx, ids, places, obj = _paste_collection(tmp_path, embedder)
+    engine = Engine(idx, embedder=embedder)
+    p = {i: ids[str(folder / f"p{i:02d}.png")] for i in range(12)}
+    allids = np.array(sorted(p.values()))
+    objs = engine.objects_of(allids.tolist())
+    main = max(objs[p[3]], key=lambda o: (o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]) * o["score"])
+    v = engine.object_index.reconstruct(int(main["id"]))
+    best_obj = {q: max(objs[q], key=lambda o: float(engine.object_index.reconstruct(int(o["id"])) @ v)) for q in allids.tolist()}
+    obj_sim = np.array([float(engine.object_index.reconstruct(int(best_obj[q]["id"])) @ v) for q in allids])
+    x = engine.global_vectors(allids)
+    pos = np.maximum(obj_sim, x @ x[allids.tolist().index(p[0])])
+    neg = x @ x[allids.tolist().index(p[10])]
+    score = np.where(pos > neg, pos, pos - neg - 2)
+    want = allids[np.lexsort((allids, -score))][:6].tolist()
+    q = SearchQuery((Example(p[3], objects=True), Example(p[0])), unlike=(Example(p[10]),), k=6)
+    r = engine.search(q)
+    assert r.mode == "feedback" and [h.photo_id for h in r.hits] == want
+    assert {h.photo_id for h in r.hits[:2]} == {p[3], p[0]} and p[10] not in want  # both positives first, the negative out
+    for h in r.hits:
+        if obj_sim[allids.tolist().index(h.photo_id)] >= float(x[allids.tolist().index(h.photo_id)] @ x[allids.tolist().index(p[0])]):
+            o = best_obj[h.photo_id]  # matched through the object example: where is that object
+            assert (h.object_id, h.box) == (o["id"], o["box"]) and rle_decode(h.mask).any()
+        else:
+            assert h.object_id is None
+    assert r.query_object.box == main["box"]
+    # the command line: PHOTO@object
+    out = json.loads(run("search", str(idx), str(p[0]), "--id", "--like", f"{p[3]}@object", "--unlike", str(p[10]), "-k", "6",
+                         "--json").stdout)
+    assert [h["id"] for h in out] == [h.photo_id for h in sorted(r.hits, key=lambda h: (-h.score, h.photo_id))]
+    # HTTP: ID@object, and uploaded example files named upload:N
+    with local_client(create_app(Settings(index=idx, model=str(tiny_model), device="cpu", workers=0))) as client:
+        got = client.get(f"/photos/{p[3]}/similar", params={"objects": "true", "like": [str(p[0])], "unlike": [str(p[10])], "k": 6})
+        assert got.status_code == 200, got.text
+        assert [h["id"] for h in got.json()["results"]] == want
+        p0 = (folder / "p00.png").read_bytes()
+        p10 = (folder / "p10.png").read_bytes()
+        got = client.post("/search", params={"k": 6, "like": [f"{p[3]}@object"], "unlike": ["upload:0"]},
+                          files=[("image", ("q.png", p0, "image/png")), ("examples", ("n.png", p10, "image/png"))])
+        assert got.status_code == 200, got.text
+        body = got.json()
+        assert body["mode"] == "feedback" and [h["id"] for h in body["results"]] == want
+        assert any(h["object_id"] is not None and h["box"] == list(best_obj[h["id"]]["box"]) for h in body["results"])
+        bad = client.post("/search", params={"like": ["upload:1"]}, files=[("image", ("q.png", p0, "image/png")),
+                                                                          ("examples", ("n.png", p10, "image/png"))])
+        assert bad.status_code == 422 and "upload:1" in bad.json()["detail"]
+        bad = client.post("/search", params={"like": ["upload:0@object"]}, files=[("image", ("q.png", p0, "image/png")),
+                                                                                 ("examples", ("n.png", p10, "image/png"))])
+        assert bad.status_code == 400 and "--objects" in bad.json()["detail"]  # an upload's object needs the index's SAM
+
+
 def test_objects_replace_on_change_and_go_with_deletes(tmp_path, embedder):
     folder, idx, ids, places, obj = _paste_collection(tmp_path, embedder)
     changed, gone = ids[str(folder / "p03.png")], ids[str(folder / "p07.png")]

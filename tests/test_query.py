@@ -14,7 +14,7 @@ from test_meta import write_exif
 
 from indexer.runner import IndexConfig, index_folder
 from search import BadQuery, Engine, Example, Filters, SearchQuery
-from search.query import great_circle_km, parse_date, parse_example
+from search.query import great_circle_km, parse_date, parse_example, parse_id_example
 
 CFG = IndexConfig(batch_size=16, workers=0, progress=False)
 
@@ -77,6 +77,15 @@ def test_feedback_scores_equal_brute_force(copies):
     hits = engine.search(SearchQuery((Example(b, box=(0, 0, w / 2, h / 2)), Example(a)), k=6)).hits
     assert set(names(hits)) == {os.path.basename(a), os.path.basename(b), "copy1_A.jpg", "copy2_A.jpg",
                                 "copy1_B.jpg", "copy2_B.jpg"}
+    # ... and says where it matched, as a region result does: B's copies match the box's cells (the top-left quarter)
+    grid = engine.manifest.grid
+    for hit in hits:
+        if "B" in hit.path.rsplit("/", 1)[-1] or hit.path == b:
+            assert hit.heat is not None and hit.heat.shape == (grid, grid) and hit.box is not None
+            assert hit.box[0] < w / 2 and hit.box[1] < h / 2  # it starts in the quarter the region came from
+            assert hit.score <= 1.0
+        else:
+            assert hit.box is None and hit.heat is None  # A's copies: matched as a whole photo
 
 
 @pytest.fixture
@@ -164,10 +173,19 @@ def test_parsers_and_query_checks(tmp_path, monkeypatch):
         parse_date("30/06/2021")
     with pytest.raises(BadQuery):
         Filters(near=(91, 0, 1))
-    with pytest.raises(BadQuery):
-        SearchQuery((Example(1, objects=True), Example(2)))
+    assert SearchQuery((Example(1, objects=True), Example(2))).like[0].mode == "objects"  # object examples mix
     with pytest.raises(BadQuery):
         Example(1, box=(0, 0, 1, 1), part=1)
+    # every example form, on the command line (paths or ids) and over HTTP (ids or upload:N, never paths)
+    assert parse_example("42@object") == Example(42, objects=True)
+    assert parse_example("42@object=1,2,30,40") == Example(42, objects=True, box=(1, 2, 30, 40))
+    assert parse_example("./42@point=3,4") == Example("./42", point=(3, 4))
+    assert parse_example("42@part=2") == Example(42, part=2)
+    assert parse_id_example("7@point=1,2") == Example(7, point=(1, 2))
+    assert parse_id_example("upload:1@object", [(b"a", (1, 1)), (b"b", (5, 6))]) == Example(b"b", objects=True, size=(5, 6))
+    for bad in ("./42", "upload:0", "7@part=9", "7@object=1,2", "7@point=1"):
+        with pytest.raises(BadQuery):
+            parse_id_example(bad)
     assert great_circle_km(np.array([48.8566]), np.array([2.3522]), 51.5074, -0.1278)[0] == pytest.approx(343.5, abs=1)
 
 
@@ -243,7 +261,12 @@ def test_filters_return_k_on_ivf_kinds_whose_probe_misses(described, embedder, t
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False, global_kind="IVF8,Flat", patch_kind="IVF8,SQ8"))
     ivf = Engine(idx, EngineConfig(nprobe=1), embedder=embedder)
     assert ivf.manifest.global_kind.startswith("IVF") and ivf.manifest.patch_kind.startswith("IVF")
-    for f in sorted(photos.rglob("*.jpg"))[:6]:
-        for box in (None, (0, 0, 60, 60)):
-            r = ivf.search(SearchQuery((Example(str(f), box=box),), filters=Filters(camera="leica"), k=3))
-            assert set(names(r.hits)) == set(made[:3]), (f.name, box, names(r.hits))
+    leica = ivf.filter_ids(Filters(camera="leica"))
+    assert ivf.global_plan(None) == "ivf" and ivf.global_plan(leica) == "scan"  # 3 photos pass: scored exactly
+    for scan_max in (Engine.SCAN_MAX, 0):  # the scan plan, then the probe with its fallback when the probe misses
+        ivf.SCAN_MAX = scan_max
+        assert ivf.global_plan(leica) == ("scan" if scan_max else "ivf")
+        for f in sorted(photos.rglob("*.jpg"))[:6]:
+            for box in (None, (0, 0, 60, 60)):
+                r = ivf.search(SearchQuery((Example(str(f), box=box),), filters=Filters(camera="leica"), k=3))
+                assert set(names(r.hits)) == set(made[:3]), (f.name, box, names(r.hits))

@@ -28,3 +28,18 @@ def test_eval_retrieval_on_labels_layout(tmp_path, tiny_model):
     m = re.search(r"mAP ([\d.]+)\s+recall@1 ([\d.]+)", p.stdout)
     assert m and 0 < float(m[1]) <= 1
     assert re.search(r"Flat\s+1\.000", p.stdout)
+
+
+def script(*args: str) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / args[0]), *args[1:]], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_bench_filters_names_the_engines_plan_and_is_exact_where_it_scans(tmp_path):
+    out = script("bench_filters.py", "--size", "10000", "--queries", "5", "--kind", "IVF16,Flat", "--work", str(tmp_path)).stdout
+    rows = {m[1]: (m[2], float(m[3])) for m in re.finditer(r"^\s*([\d.]+%)\s+\d+\s+(\w+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)$", out, re.M)}
+    assert set(rows) == {"50.0%", "5.0%", "1.0%", "0.1%"}, out
+    assert rows["50.0%"][0] == "ivf" and rows["0.1%"] == ("scan", 1.0)  # 10 photos pass: scored exactly
+
