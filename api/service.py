@@ -12,6 +12,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -117,6 +118,9 @@ class Service:
         self._queue: queue.Queue[JobState | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run_jobs, name="index-jobs", daemon=True)
         self._decodes = threading.BoundedSemaphore(max(1, settings.max_decodes))
+        self._compactor: threading.Thread | None = None
+        self._checked = 0.0
+        self._stopping = threading.Event()
 
     @contextlib.contextmanager
     def decode_slot(self) -> Iterator[None]:
@@ -140,11 +144,33 @@ class Service:
         if not self._worker.is_alive():  # idempotent: a lifespan may run more than once per app
             self._worker = threading.Thread(target=self._run_jobs, name="index-jobs", daemon=True)
             self._worker.start()
+        if self.settings.compact_every > 0 and (self._compactor is None or not self._compactor.is_alive()):
+            self._stopping.clear()
+            self._compactor = threading.Thread(target=self._compact_loop, name="compact", daemon=True)
+            self._compactor.start()
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._worker.is_alive():
             self._queue.put(None)
             self._worker.join(timeout=5)
+
+    def _compact_loop(self) -> None:
+        """Merge small segments now and then; a running index job keeps the writer's lock, so a merge then waits
+        for the next round (the work is redone on the newer commit)."""
+        from indexer.compact import compact
+
+        while not self._stopping.wait(self.settings.compact_every):
+            if current_snapshot(self.settings.index) is None:
+                continue
+            try:
+                r = compact(self.settings.index, wait=5.0)
+            except DinosearchError as e:  # busy, or a segment that cannot be read: said, and tried again later
+                log.warning("background compaction: %s", e)
+                continue
+            if r.seg is not None:
+                log.info("compacted segments %s into seg-%06d", r.inputs, r.seg)
+                self.refresh()
 
     # -- engine
 
@@ -170,6 +196,9 @@ class Service:
                 if self._engine is None:
                     cfg = EngineConfig(max_pixels=self.settings.max_pixels, store=self.settings.store, nprobe=self.settings.nprobe)
                     self._engine = Engine(self.settings.index, cfg, embedder=emb)
+        elif time.monotonic() - self._checked > 1.0:  # follow commits of other processes (a CLI run, compaction)
+            self._checked = time.monotonic()
+            self._engine.refresh()
         return self._engine
 
     def refresh(self) -> None:

@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from indexer.errors import DinosearchError
+from indexer.segments import SegmentedIndex
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,15 @@ class DuplicateConfig:
 
 # ---------------------------------------------------------------- level 1: candidates
 
+def _search(index, xq: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """k-NN with ``nprobe`` IVF lists for this search only, on a FAISS index or the store's SegmentedIndex."""
+    if isinstance(index, SegmentedIndex):
+        return index.search(xq, k, nprobe=nprobe)
+    ivf = faiss.try_extract_index_ivf(index)
+    params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe)) if ivf is not None else None  # the index's own
+    return index.search(xq, k, params=params)
+
+
 def candidate_pairs(index: faiss.Index, ids: np.ndarray, xb: np.ndarray, k: int, min_cosine: float,
                     *, nprobe: int = 64, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i < j) of ids whose global vectors are among each other's k nearest with cosine >= min_cosine.
@@ -80,13 +90,11 @@ def candidate_pairs(index: faiss.Index, ids: np.ndarray, xb: np.ndarray, k: int,
     assert len(ids) == len(xb), (len(ids), xb.shape)
     if not len(ids) or index.ntotal < 2:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
-    ivf = faiss.try_extract_index_ivf(index)
-    params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe)) if ivf is not None else None  # the index's own
-    kk = min(k + 1, int(index.ntotal))  # nprobe (what searches use) is left as it is
+    kk = min(k + 1, int(index.ntotal))  # nprobe (what searches use) is left as it is: the search carries its own
     out_p, out_d = [], []
     for s in range(0, len(ids), batch):
         xq = np.ascontiguousarray(xb[s:s + batch], dtype=np.float32)
-        D, I = index.search(xq, kk, params=params)
+        D, I = _search(index, xq, kk, nprobe)
         q = np.repeat(ids[s:s + batch], kk)
         I, D = I.ravel(), D.ravel()
         ok = (I >= 0) & (I != q) & (D >= min_cosine)
