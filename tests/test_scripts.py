@@ -28,3 +28,12 @@ def test_eval_retrieval_on_labels_layout(tmp_path, tiny_model):
     m = re.search(r"mAP ([\d.]+)\s+recall@1 ([\d.]+)", p.stdout)
     assert m and 0 < float(m[1]) <= 1
     assert re.search(r"Flat\s+1\.000", p.stdout)
+
+
+def test_bench_write_prints_commit_cost_per_size(tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_write.py"), "--sizes", "20,60", "--dim", "16", "--grid", "2",
+                        "--batch", "2", "--repeat", "1", "--fill-commit", "20", "--work", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = [line.split() for line in p.stdout.splitlines() if line.startswith("this")]
+    assert [int(r[1]) for r in rows] == [20, 60] and float(rows[0][3]) == 1.0 and all(float(r[4]) > 0 for r in rows)
