@@ -73,13 +73,13 @@ def cmd_index(args: argparse.Namespace) -> int:
 def _index(args: argparse.Namespace, pool) -> int:
     from indexer.embedder import Embedder, EmbedderConfig
     from indexer.runner import IndexConfig, index_folder
-    from indexer.store import Snapshot, current_snapshot
+    from indexer.store import Manifest, current_snapshot
 
     model, resolution, recorded = args.model, args.resolution, None
     idx = Path(args.index).expanduser()
     since = 1  # the first photo id this run can allocate (ids are given in order): --check-duplicates looks at those
     if idx.is_dir() and current_snapshot(idx) is not None:  # an existing index keeps its model, resolution, precision
-        m = Snapshot.open(idx).manifest
+        m = Manifest.load_current(idx)  # an index of the old snapshot format too: this run converts it
         since = m.next_id
         model, recorded = model or m.model, m.precision
         if resolution is not None and resolution != m.resolution:
@@ -99,14 +99,14 @@ def _index(args: argparse.Namespace, pool) -> int:
     if args.classify or args.classifier:
         from indexer.classifier import DEFAULT_CLASSIFIER, Classifier, ClassifierConfig
 
-        name = args.classifier or (Snapshot.open(idx).manifest.classifier if current_snapshot(idx) else None) or DEFAULT_CLASSIFIER
+        name = args.classifier or (Manifest.load_current(idx).classifier if current_snapshot(idx) else None) or DEFAULT_CLASSIFIER
         classifier = Classifier(ClassifierConfig(model=name), device=embedder.device, precision=embedder.precision)
     segmenter = None
     if args.objects or args.sam_model:
         from indexer.objects import DEFAULT_SEGMENTER, Segmenter, SegmenterConfig
 
         # flags not given keep the index's own settings (else its objects would all be made anew)
-        old = (Snapshot.open(idx).manifest.segmenter if current_snapshot(idx) else None) or {}
+        old = (Manifest.load_current(idx).segmenter if current_snapshot(idx) else None) or {}
         given = {"model": args.sam_model, "points_per_side": args.sam_points, "max_masks": args.sam_max_masks,
                  "min_iou": args.sam_min_iou, "min_stability": args.sam_min_stability, "min_area": args.sam_min_area,
                  "nms_iou": args.sam_nms}

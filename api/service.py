@@ -20,7 +20,7 @@ from api.settings import Settings
 from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import DinosearchError, IndexFormatError, IndexWriteError
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import Snapshot, Writer, current_snapshot
+from indexer.store import Manifest, Writer, current_snapshot
 from search import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class Service:
             if self._embedder is None:
                 model, resolution, recorded = self.settings.model, 224, None
                 if current_snapshot(self.settings.index) is not None:  # the index's model, resolution and precision
-                    m = Snapshot.open(self.settings.index).manifest
+                    m = Manifest.load_current(self.settings.index)
                     model, resolution, recorded = model or m.model, m.resolution, m.precision
                 self._embedder = Embedder(EmbedderConfig(model=model or "facebook/dinov2-small", resolution=resolution,
                                                          device=self.settings.device, precision=self.settings.precision,
@@ -212,7 +212,7 @@ class Service:
         """The index's own classifier and SAM settings, so a job's new photos get tags and objects like the rest."""
         if current_snapshot(self.settings.index) is None:
             return {}
-        m = Snapshot.open(self.settings.index).manifest
+        m = Manifest.load_current(self.settings.index)
         out = {}
         if m.classifier:
             from indexer.classifier import Classifier, ClassifierConfig
@@ -261,7 +261,7 @@ class Service:
 
             try:
                 # ids are allocated in order: the job's photos are those from the next id on
-                since = Snapshot.open(self.settings.index).manifest.next_id if current_snapshot(self.settings.index) else 1
+                since = Manifest.load_current(self.settings.index).next_id if current_snapshot(self.settings.index) else 1
                 cfg = IndexConfig(workers=self.settings.workers, progress=False, commit_every=self.settings.commit_every,
                                   max_pixels=self.settings.max_pixels)
                 stats = index_folder(job.folder, self.settings.index, self.embedder(), cfg,
