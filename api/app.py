@@ -305,7 +305,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         e = svc.engine
         counts = dict(e.db.execute("SELECT status, count(*) FROM photos GROUP BY status").fetchall())
         m = e.manifest
-        return schemas.Stats(snapshot=e.snapshot.path.name, model=m.model, precision=m.precision, resolution=m.resolution,
+        return schemas.Stats(snapshot=e.snapshot.name, model=m.model, precision=m.precision, resolution=m.resolution,
                              grid=m.grid, photos_indexed=counts.get("indexed", 0), photos_failed=counts.get("failed", 0),
                              global_kind=m.global_kind, patch_kind=m.patch_kind, classifier=m.classifier,
                              segmenter=(m.segmenter or {}).get("model"), objects=e.object_count(), max_k=settings.max_k)

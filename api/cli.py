@@ -73,7 +73,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def _index(args: argparse.Namespace, pool) -> int:
     from indexer.embedder import Embedder, EmbedderConfig
     from indexer.runner import IndexConfig, index_folder
-    from indexer.store import Snapshot, current_snapshot
+    from indexer.store import Manifest, current_snapshot
 
     watch = None
     if args.watch:  # bad values are refused before the model loads
@@ -84,7 +84,7 @@ def _index(args: argparse.Namespace, pool) -> int:
     idx = Path(args.index).expanduser()
     since = 1  # the first photo id this run can allocate (ids are given in order): --check-duplicates looks at those
     if idx.is_dir() and current_snapshot(idx) is not None:  # an existing index keeps its model, resolution, precision
-        m = Snapshot.open(idx).manifest
+        m = Manifest.load_current(idx)  # an index of the old snapshot format too: this run converts it
         since = m.next_id
         model, recorded = model or m.model, m.precision
         if resolution is not None and resolution != m.resolution:
@@ -104,14 +104,14 @@ def _index(args: argparse.Namespace, pool) -> int:
     if args.classify or args.classifier:
         from indexer.classifier import DEFAULT_CLASSIFIER, Classifier, ClassifierConfig
 
-        name = args.classifier or (Snapshot.open(idx).manifest.classifier if current_snapshot(idx) else None) or DEFAULT_CLASSIFIER
+        name = args.classifier or (Manifest.load_current(idx).classifier if current_snapshot(idx) else None) or DEFAULT_CLASSIFIER
         classifier = Classifier(ClassifierConfig(model=name), device=embedder.device, precision=embedder.precision)
     segmenter = None
     if args.objects or args.sam_model:
         from indexer.objects import DEFAULT_SEGMENTER, Segmenter, SegmenterConfig
 
         # flags not given keep the index's own settings (else its objects would all be made anew)
-        old = (Snapshot.open(idx).manifest.segmenter if current_snapshot(idx) else None) or {}
+        old = (Manifest.load_current(idx).segmenter if current_snapshot(idx) else None) or {}
         given = {"model": args.sam_model, "points_per_side": args.sam_points, "max_masks": args.sam_max_masks,
                  "min_iou": args.sam_min_iou, "min_stability": args.sam_min_stability, "min_area": args.sam_min_area,
                  "nms_iou": args.sam_nms}
@@ -134,7 +134,7 @@ def _index(args: argparse.Namespace, pool) -> int:
     pools = [pool]  # the decode pool started early serves the first run; index_folder shuts it down
 
     def run_and_report(folder: str) -> None:
-        first = Snapshot.open(idx).manifest.next_id if current_snapshot(idx) else since  # this run's new photos: ids from here
+        first = Manifest.load_current(idx).next_id if current_snapshot(idx) else since  # this run's new photos: ids from here
         _report_run(run(folder, pools.pop() if pools else None), args, idx, classifier, segmenter, first)
 
     if watch is None:
@@ -374,16 +374,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     engine = Engine(args.index)
     m, snap = engine.manifest, engine.snapshot
     counts = dict(engine.db.execute("SELECT status, count(*) FROM photos GROUP BY status").fetchall())
-    files = {f.name: f.stat().st_size for f in snap.path.iterdir()}
+    files = {"catalog.sqlite": (snap.root / "catalog.sqlite").stat().st_size}
+    files.update({f"seg-{s['seg']:06d}/{f}": d["size"] for s in m.segments for f, d in s["files"].items()})
     info = {
         "index": str(Path(args.index).expanduser().absolute()),
-        "snapshot": snap.path.name,
+        "snapshot": snap.name,
         "model": m.model, "model_type": m.model_type, "revision": m.revision,
         "dim": m.dim, "resolution": m.resolution, "patch_grid": f"{m.grid}x{m.grid}", "precision": m.precision,
         "photos_indexed": counts.get("indexed", 0), "photos_failed": counts.get("failed", 0),
         "global_vectors": engine.global_index.ntotal, "global_kind": m.global_kind,
-        "patch_vectors": engine.snapshot.patch_index().ntotal, "patch_kind": m.patch_kind,
-        "files": files, "format_version": m.format_version,
+        "patch_vectors": engine.patch_index.ntotal, "patch_kind": m.patch_kind,
+        "segments": len(m.segments), "files": files, "format_version": m.format_version,
         "classifier": m.classifier, "tags": dict(engine.label_counts(20)),
         "segmenter": (m.segmenter or {}).get("model"), "objects": engine.object_count(),
         "not_images": sum(m.not_images_total().values()), "not_images_by_extension": m.not_images_total(),
@@ -432,7 +433,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if current_snapshot(Path(args.index).expanduser()) is not None:  # a flag at odds with the index: fail before serving
         keep_index_precision(args.precision, Manifest.load_current(Path(args.index).expanduser()).precision)
     settings = Settings(index=Path(args.index).expanduser(), model=args.model, device=args.device, precision=args.precision,
-                        nprobe=args.nprobe, workers=args.workers,
+                        nprobe=args.nprobe, workers=args.workers, compact_every=args.compact_every,
                         max_upload_bytes=args.max_upload_mb * 2**20, commit_every=args.commit_every,
                         upload_timeout=args.upload_timeout, store=args.store, max_pixels=megapixels(args.max_megapixels),
                         max_upload_pixels=int(args.max_upload_megapixels * 1e6), host=args.host,
@@ -473,6 +474,23 @@ def cmd_build_index(args: argparse.Namespace) -> int:
         shards = r.shard_seconds[name]
         extra = f", {len(shards)} shards filled in {sum(shards):.1f} s, merged on disk ({_human(r.bytes.get(name, 0))})" if shards else ""
         print(f"{name}: {r.vectors[name]} vectors -> {r.kinds[name]} in {r.seconds[name]:.1f} s{extra}")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from indexer.compact import compact
+
+    r = compact(args.index, everything=args.all)
+    if args.json:
+        print(json.dumps({"merged": r.inputs, "segment": r.seg, "kinds": r.kinds, "vectors": r.vectors, "dropped": r.dropped,
+                          "seconds": {k: round(v, 3) for k, v in r.seconds.items()}}, indent=1))
+    elif r.seg is None:
+        print(f"nothing to compact in {args.index}: its segments are large and hold few tombstones")
+    else:
+        print(f"merged segments {', '.join(map(str, r.inputs))} into seg-{r.seg:06d}")
+        for kind in r.kinds:
+            print(f"{kind}: {r.vectors[kind]} vectors -> {r.kinds[kind]} in {r.seconds[kind]:.1f} s "
+                  f"({r.dropped.get(kind, 0)} tombstoned vectors dropped)")
     return 0
 
 
@@ -719,6 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=_at_least(0), default=1, help="decode processes of index jobs")
     q.add_argument("--max-upload-mb", type=int, default=32, help="largest accepted upload (default 32 MiB)")
     q.add_argument("--commit-every", type=_at_least(1), default=200, help="photos between an index job's commits (default 200)")
+    q.add_argument("--compact-every", type=float, default=0.0, metavar="SECONDS",
+                   help="merge small segments in a background thread this often (default 0: never; `dinosearch compact`)")
     q.add_argument("--upload-timeout", type=float, default=30.0, help="seconds an upload may stall before it is dropped (default 30)")
     q.add_argument("--max-megapixels", type=float, default=150, help="larger photos are refused, in uploads and index jobs (default 150)")
     q.add_argument("--store", default=None, metavar="URI", help="the vector store to search (default: the one the index was built with)")
@@ -757,10 +777,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=_at_least(1), default=2, help="threads filling shards (default 2)")
     q.set_defaults(func=cmd_build_index)
 
-    q = sub.add_parser("verify", help="check an index: manifest, catalog and FAISS files against each other",
-                       description="Check the live snapshot; exit 0 if it is whole, 1 with each problem named. "
-                                   "--repair removes unfinished snapshots and, if the live one is broken, switches back "
-                                   "to the newest snapshot that checks out.")
+    q = sub.add_parser("compact", help="merge small segments and drop deleted vectors (kinds chosen by size)",
+                       description="Merge the index's small segments (and those holding many deleted vectors) into one "
+                                   "sealed segment per kind: exact while small, then HNSW for global vectors and IVF "
+                                   "(list count grown with the data) for patches, trained on a bounded sample. "
+                                   "Indexing goes on meanwhile; only the final switch takes the writer's lock.")
+    q.add_argument("index", help="index directory")
+    q.add_argument("--all", action="store_true", help="merge every segment into one")
+    q.add_argument("--json", action="store_true", help="print as JSON")
+    q.set_defaults(func=cmd_compact)
+
+    q = sub.add_parser("verify", help="check an index: catalog, segments and deletions against each other",
+                       description="Check the live commit: the catalog (SQLite's check, ids, where each photo's vectors "
+                                   "are), every segment file against its checksum and the catalog; exit 0 if it is "
+                                   "whole, 1 with each problem named. --repair removes unfinished segments, converts "
+                                   "an index of the old snapshot format, and drops a damaged segment (its photos are "
+                                   "embedded again by the next `index` run).")
     q.add_argument("index", help="index directory")
     q.add_argument("--repair", action="store_true", help="fix what is safe to fix")
     q.add_argument("--json", action="store_true", help="print as JSON")

@@ -39,7 +39,7 @@ def _name(path: str) -> str:
 def _groups(request: Request, cfg: DuplicateConfig) -> list[Group]:
     """All groups of the live snapshot for these settings, computed once per snapshot (a pass over the collection)."""
     engine = request.app.state.service.engine
-    key = (str(engine.snapshot.path), cfg)
+    key = (str(engine.root), engine.snapshot.name, cfg)
     cache = request.app.state.__dict__.setdefault("duplicates_cache", {})
     with _lock:
         if key not in cache:

@@ -12,6 +12,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from api.settings import Settings
 from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import DinosearchError, IndexFormatError, IndexWriteError
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import Snapshot, Writer, current_snapshot
+from indexer.store import Manifest, Writer, current_snapshot
 from search import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,9 @@ class Service:
         self._decodes = threading.BoundedSemaphore(max(1, settings.max_decodes))
         self._watching = threading.Event()  # set: the watchers stop
         self._watchers: list[threading.Thread] = []
+        self._compactor: threading.Thread | None = None
+        self._checked = 0.0
+        self._stopping = threading.Event()
 
     @contextlib.contextmanager
     def decode_slot(self) -> Iterator[None]:
@@ -149,8 +153,13 @@ class Service:
                               for f in self.settings.watch]
             for t in self._watchers:
                 t.start()
+        if self.settings.compact_every > 0 and (self._compactor is None or not self._compactor.is_alive()):
+            self._stopping.clear()
+            self._compactor = threading.Thread(target=self._compact_loop, name="compact", daemon=True)
+            self._compactor.start()
 
     def stop(self) -> None:
+        self._stopping.set()
         self._watching.set()
         for t in self._watchers:
             t.join(timeout=5)
@@ -174,6 +183,23 @@ class Service:
         except Exception:  # the server stays up; searches go on without the watch
             log.exception("watching %s failed; the index is no longer kept in step with it", folder)
 
+    def _compact_loop(self) -> None:
+        """Merge small segments now and then; a running index job keeps the writer's lock, so a merge then waits
+        for the next round (the work is redone on the newer commit)."""
+        from indexer.compact import compact
+
+        while not self._stopping.wait(self.settings.compact_every):
+            if current_snapshot(self.settings.index) is None:
+                continue
+            try:
+                r = compact(self.settings.index, wait=5.0)
+            except DinosearchError as e:  # busy, or a segment that cannot be read: said, and tried again later
+                log.warning("background compaction: %s", e)
+                continue
+            if r.seg is not None:
+                log.info("compacted segments %s into seg-%06d", r.inputs, r.seg)
+                self.refresh()
+
     # -- engine
 
     def embedder(self) -> Embedder:
@@ -181,7 +207,7 @@ class Service:
             if self._embedder is None:
                 model, resolution, recorded = self.settings.model, 224, None
                 if current_snapshot(self.settings.index) is not None:  # the index's model, resolution and precision
-                    m = Snapshot.open(self.settings.index).manifest
+                    m = Manifest.load_current(self.settings.index)
                     model, resolution, recorded = model or m.model, m.resolution, m.precision
                 self._embedder = Embedder(EmbedderConfig(model=model or "facebook/dinov2-small", resolution=resolution,
                                                          device=self.settings.device, precision=self.settings.precision,
@@ -198,6 +224,9 @@ class Service:
                 if self._engine is None:
                     cfg = EngineConfig(max_pixels=self.settings.max_pixels, store=self.settings.store, nprobe=self.settings.nprobe)
                     self._engine = Engine(self.settings.index, cfg, embedder=emb)
+        elif time.monotonic() - self._checked > 1.0:  # follow commits of other processes (a CLI run, compaction)
+            self._checked = time.monotonic()
+            self._engine.refresh()
         return self._engine
 
     def refresh(self) -> None:
@@ -211,7 +240,7 @@ class Service:
         """The index's own classifier and SAM settings, so a job's new photos get tags and objects like the rest."""
         if current_snapshot(self.settings.index) is None:
             return {}
-        m = Snapshot.open(self.settings.index).manifest
+        m = Manifest.load_current(self.settings.index)
         out = {}
         if m.classifier:
             from indexer.classifier import Classifier, ClassifierConfig
@@ -260,7 +289,7 @@ class Service:
 
             try:
                 # ids are allocated in order: the job's photos are those from the next id on
-                since = Snapshot.open(self.settings.index).manifest.next_id if current_snapshot(self.settings.index) else 1
+                since = Manifest.load_current(self.settings.index).next_id if current_snapshot(self.settings.index) else 1
                 cfg = IndexConfig(workers=self.settings.workers, progress=False, commit_every=self.settings.commit_every,
                                   max_pixels=self.settings.max_pixels)
                 stats = index_folder(job.folder, self.settings.index, self.embedder(), cfg,

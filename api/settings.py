@@ -32,6 +32,7 @@ class Settings:
     nprobe: int = 32  # IVF lists visited per query
     workers: int = 1  # decode processes of index jobs
     commit_every: int = 200  # photos between a job's commits: searches see new photos this often
+    compact_every: float = 0.0  # seconds between background compactions (0: none)
     store: str | None = None  # external vector store to search (default: the index's own)
     watch: tuple[Path, ...] = ()  # folders kept in step with the index: an index job for each burst of changes
     watch_interval: float = 60.0  # seconds between scans of a watched folder the OS cannot watch (inotify limit)

@@ -1,17 +1,17 @@
-"""build-index: rebuild an index's FAISS files for size, beyond what fits in memory.
+"""build-index: compact every segment into one sealed segment per kind, sized for the collection, beyond what
+fits in memory.
 
 Kind by vector count and a memory budget (the order autofaiss follows): exact
 while the raw vectors fit and the collection is small, IVF-Flat while the raw
-vectors fit, else IVF-PQ with the largest code that fits. HNSW, which autofaiss
-would pick in between, is left out: FAISS cannot delete from it, and the
-indexer deletes photos that change or go.
+vectors fit, else IVF-PQ with the largest code that fits.
 
 IVF kinds are built the way FAISS's on-disk demo does it: train the coarse
 quantizer (and PQ) on a sample, fill shards in parallel (each a copy of the
 trained empty index, written to disk), then merge the shards' inverted lists
 into one ``.ivfdata`` file with ``faiss.contrib.ondisk.merge_ondisk``. The
-merged index is committed as a new snapshot and opened memory-mapped by the
-Engine: serving needs memory for the coarse centroids, not for the lists.
+merged index is committed as a new segment (indexer.compact) and its lists are
+memory-mapped when searched: serving needs memory for the coarse centroids, not
+for the lists.
 """
 
 from __future__ import annotations
@@ -30,18 +30,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from indexer.compact import compact
 from indexer.errors import ConfigError
-from indexer.store import (
-    GLOBAL_FILE,
-    PATCH_FILE,
-    Manifest,
-    Writer,
-    current_snapshot,
-    index_ids,
-    make_index,
-    on_disk_lists,
-    read_index_mapped,
-)
+from indexer.segments import SegmentedIndex
+from indexer.store import Snapshot, index_ids, make_index
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +76,8 @@ class BuildReport:
 
 def _vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
     """Stored vectors of ``ids`` (decoded for compressed kinds)."""
+    if isinstance(index, SegmentedIndex):
+        return index.reconstruct_batch(ids)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and ivf.direct_map.type != faiss.DirectMap.Hashtable:  # reconstruct by any id
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
@@ -131,40 +125,29 @@ def build_sharded(source: faiss.Index, kind: str, dim: int, out_dir: Path, name:
 
 def build_index(index_dir: str | os.PathLike, *, kind: str | None = None, patch_kind: str | None = None,
                 memory: int = 8 * 2**30, shards: int = 4, workers: int = 2) -> BuildReport:
-    """Rebuild the global and patch indexes of ``index_dir`` by size and memory budget, merged on disk."""
+    """Compact every segment of ``index_dir`` into one sealed segment per kind, the kinds by size and memory budget,
+    IVF kinds filled in shards and merged on disk."""
     report = BuildReport()
     root = Path(index_dir).expanduser().absolute()
-    with Writer(root, Manifest.load_current(root), load_indexes=False) as w:
-        snap = current_snapshot(root)
-        # the sources are read from the live snapshot with their codes memory-mapped: they need not fit in RAM
-        sources = {"global_index": read_index_mapped(snap / GLOBAL_FILE), "patch_index": read_index_mapped(snap / PATCH_FILE)}
-        if sources["global_index"].ntotal == 0:
-            raise ConfigError(f"{root} holds no vectors yet: index a folder first")
-        m = w.manifest
-        built = {}
-        tmp = w.begin_snapshot()
-        final = w.root / tmp.name.removesuffix(".tmp")
-        for attr, name, forced in (("global_index", "global", kind), ("patch_index", "patches", patch_kind)):
-            src = sources[attr]
-            n = int(src.ntotal)
-            k = forced or plan_kind(n, m.dim, memory // 2)  # the budget is shared by the two indexes
-            t = time.perf_counter()
-            index, shard_s = build_sharded(src, k, m.dim, tmp, name, shards=shards, workers=workers)
-            report.seconds[name] = time.perf_counter() - t
-            report.shard_seconds[name] = shard_s
-            report.kinds[name], report.vectors[name] = k, n
-            od = on_disk_lists(index)
-            if od is not None:
-                od.filename = str(final / f"{name}.ivfdata")  # where it will live once the snapshot is named
-                report.bytes[name] = (tmp / f"{name}.ivfdata").stat().st_size
-            built[attr] = (index, k)
-        for attr, (index, k) in built.items():
-            setattr(w, attr, index)
-            if attr == "global_index":
-                m.global_kind = k
-            else:
-                m.patch_kind = k
-        m.kinds_forced = (m.global_kind, m.patch_kind)  # a built kind stays: later commits do not refit it
-        w.dirty = True
-        w.commit(prepared=tmp)
+    snap = Snapshot.open(root)
+    n = snap.global_index().ntotal
+    m = snap.manifest
+    snap.close()
+    if n == 0:
+        raise ConfigError(f"{root} holds no vectors yet: index a folder first")
+    counts = {"global": n, "patches": n * m.grid * m.grid}
+    kinds = {k: forced or plan_kind(counts[k], m.dim, memory // 2)  # the budget is shared by the two indexes
+             for k, forced in (("global", kind), ("patches", patch_kind))}
+
+    def builder(source, k, dim, out_dir, name):
+        index, shard_s = build_sharded(source, k, dim, out_dir, name, shards=shards, workers=workers)
+        report.shard_seconds[name] = shard_s
+        return index
+
+    r = compact(root, everything=True, kinds=kinds, builder=builder, force=True)
+    for k, name in (("global", "global"), ("patches", "patches")):
+        report.kinds[name], report.vectors[name], report.seconds[name] = kinds[k], r.vectors.get(k, 0), r.seconds.get(k, 0.0)
+        report.shard_seconds.setdefault(name, [])
+        if f"{name}.ivfdata" in r.bytes:
+            report.bytes[name] = r.bytes[f"{name}.ivfdata"]
     return report

@@ -1,17 +1,19 @@
-"""Writer and on-disk format: one index directory of atomic snapshots.
+"""Writer and on-disk format: one index directory of immutable segments and one catalog written in place.
 
-    IDX/CURRENT              name of the live snapshot, switched by os.replace
     IDX/lock                 flock held by the single writer
-    IDX/snap-000007/         one complete snapshot, never modified once named
-        manifest.json        how the index was built (model, resolution, kinds, ...)
-        catalog.sqlite       photos: path, size, mtime, hash, size, status, error
+    IDX/catalog.sqlite       SQLite in WAL mode, written in place, one transaction per commit:
+                             photos, labels, objects, segmented, meta (what the photos are);
+                             vec / objvec (photo id -> the segment holding its live vectors);
+                             commits (generation -> manifest JSON: settings and the live segments)
+    IDX/seg-000007/          the vectors added by commit 7, never modified once named
         global.faiss         CLS vectors, id = photo id
         patches.faiss        patch vectors, id = photo id * h*w + row*w + col
         objects.faiss        SAM object crops' CLS vectors, id = photo id * 256 + rank (catalog table objects)
 
-A commit writes a new snapshot beside the old one (``snap-N.tmp``), fsyncs it,
-renames it and then switches CURRENT; a reader that resolved CURRENT earlier
-keeps a complete snapshot (the previous one is kept until the next commit).
+A commit writes the vectors added since the last one as a new segment (``seg-N.tmp``, fsynced, renamed), then
+commits the catalog's transaction, which also inserts the new manifest: that transaction is the atomic switch.
+A vector whose photo's ``vec`` row names another segment (or none) is a tombstone, masked at search time.
+A kill before the transaction leaves an unnamed segment (removed by the next writer), never a half state.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sqlite3
 import time
@@ -36,6 +37,7 @@ import faiss
 import numpy as np
 
 from indexer.errors import ConfigError, IndexBusy, IndexFormatError, IndexWriteError, ModelMismatch
+from indexer.segments import Part, SegmentedIndex
 
 if TYPE_CHECKING:
     from indexer.embedder import Embedder
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: whole snapshots (snap-N/ + CURRENT), converted in place by the next writer
 GLOBAL_FILE, PATCH_FILE, CATALOG_FILE, MANIFEST_FILE = "global.faiss", "patches.faiss", "catalog.sqlite", "manifest.json"
 OBJECT_FILE = "objects.faiss"
 MAX_OBJECTS = 256  # per photo; object id = photo id * MAX_OBJECTS + rank
@@ -94,7 +96,25 @@ CREATE TABLE IF NOT EXISTS meta (           -- what a photo's header says (reade
 );
 CREATE INDEX IF NOT EXISTS meta_taken ON meta(taken);
 CREATE INDEX IF NOT EXISTS meta_folder ON meta(folder);
+CREATE TABLE IF NOT EXISTS vec (            -- where a photo's live global and patch vectors are
+    photo_id  INTEGER PRIMARY KEY,
+    seg       INTEGER NOT NULL              -- seg-NNNNNN
+);
+CREATE INDEX IF NOT EXISTS vec_seg ON vec(seg);
+CREATE TABLE IF NOT EXISTS objvec (         -- where a photo's live object vectors are
+    photo_id  INTEGER PRIMARY KEY,
+    seg       INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS objvec_seg ON objvec(seg);
+CREATE TABLE IF NOT EXISTS commits (        -- the newest row is the live manifest; older rows are kept one commit
+    gen       INTEGER PRIMARY KEY,
+    manifest  TEXT NOT NULL,
+    time      REAL NOT NULL
+);
 """
+
+KIND_FILES = {"global": GLOBAL_FILE, "patches": PATCH_FILE, "objects": OBJECT_FILE}
+KIND_FIELD = {"global": "global_kind", "patches": "patch_kind", "objects": "object_kind"}  # the manifest's kind of fresh segments
 
 
 @dataclass
@@ -117,7 +137,9 @@ class Manifest:
     patch_kind: str = "SQ8"
     kinds_forced: tuple[str | None, str | None] = (None, None)
     next_id: int = 1
-    files: dict[str, dict[str, int | str]] = field(default_factory=dict)
+    files: dict[str, dict[str, int | str]] = field(default_factory=dict)  # format 1 only (its snapshot's files)
+    gen: int = 0  # the commit that wrote this manifest
+    segments: list[dict] = field(default_factory=list)  # live segments: {seg, kinds: {kind: factory}, files: {name: digest}}
     classifier: str | None = None  # the model that made the labels, if any
     segmenter: dict | None = None  # the SAM model and settings that made the objects, if any
     store: str | None = None  # URI of an external vector store (Milvus) that also holds the vectors and serves them
@@ -128,29 +150,41 @@ class Manifest:
     updated: float = field(default_factory=time.time)
 
     @classmethod
-    def load(cls, path: Path) -> Manifest:
+    def load(cls, path: Path, *, versions: tuple[int, ...] = (FORMAT_VERSION,)) -> Manifest:
+        """A format-1 snapshot's manifest.json (read only to convert it)."""
         try:
-            data = json.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             raise IndexFormatError(f"{path} is missing: not a dinosearch index") from None
-        except (OSError, ValueError) as e:
+        except OSError as e:
             raise IndexFormatError(f"{path} is unreadable: {e}") from None
-        if data.get("format_version") != FORMAT_VERSION:
+        return cls.from_json(text, str(path), versions=versions)
+
+    @classmethod
+    def from_json(cls, text: str, where: str, *, versions: tuple[int, ...] = (FORMAT_VERSION,)) -> Manifest:
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise IndexFormatError(f"{where} is unreadable: {e}") from None
+        if data.get("format_version") not in versions:
             raise IndexFormatError(
-                f"{path}: index format {data.get('format_version')!r}, this dinosearch reads format {FORMAT_VERSION}; rebuild the index"
+                f"{where}: index format {data.get('format_version')!r}, this dinosearch reads format {FORMAT_VERSION}; rebuild the index"
             )
         try:
             return cls(**data)
         except TypeError as e:
-            raise IndexFormatError(f"{path}: malformed manifest ({e})") from None
+            raise IndexFormatError(f"{where}: malformed manifest ({e})") from None
 
     @classmethod
     def load_current(cls, root: str | os.PathLike) -> Manifest:
-        """The manifest of an index directory's live snapshot."""
-        snap = current_snapshot(Path(root))
-        if snap is None:
-            raise IndexFormatError(f"{root} has no committed snapshot: index a folder first")
-        return cls.load(snap / MANIFEST_FILE)
+        """The live manifest of an index directory (a format-1 index's too: the writer converts it)."""
+        root = Path(root).expanduser()
+        old = _format1_snapshot(root)
+        if old is not None:
+            return cls.load(old / MANIFEST_FILE, versions=(1,))
+        snap = Snapshot.open(root)
+        snap.close()
+        return snap.manifest
 
     @classmethod
     def for_embedder(cls, e: Embedder, *, global_kind: str | None = None, patch_kind: str | None = None) -> Manifest:
@@ -212,8 +246,16 @@ def choose_kind(n: int, dim: int, *, patches: bool) -> str:
     return f"IVF{nlist},Flat"
 
 
-def _family(kind: str) -> str:
-    return re.sub(r"IVF\d+", "IVF", kind)
+HNSW_M = 32  # neighbours per HNSW node (FAISS's usual default)
+
+
+def seal_kind(n: int, dim: int, kind: str) -> str:
+    """FAISS factory string of a sealed (compacted) segment of n vectors of ``kind`` (global, patches, objects):
+    global and object vectors exact while small, then HNSW (never removed from: deletes are tombstones);
+    patches by choose_kind, so an IVF's list count grows with the data at each compaction."""
+    if kind == "patches":
+        return choose_kind(n, dim, patches=True)
+    return "Flat" if n <= GLOBAL_FLAT_MAX else f"HNSW{HNSW_M}"
 
 
 def check_kind(kind: str) -> None:
@@ -258,7 +300,9 @@ def make_index(kind: str, dim: int, train: np.ndarray | None) -> faiss.Index:
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
-    """All ids stored in an index made by make_index."""
+    """All ids stored in an index made by make_index (the live ones of a SegmentedIndex)."""
+    if isinstance(index, SegmentedIndex):
+        return index.ids()
     if isinstance(index, faiss.IndexIDMap2) or isinstance(index, faiss.IndexIDMap):
         return faiss.vector_to_array(index.id_map).astype(np.int64)
     ivf = faiss.extract_index_ivf(index)
@@ -272,6 +316,8 @@ def reconstruct_all(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     ids = index_ids(index)
     if len(ids) == 0:
         return ids, np.zeros((0, index.d), np.float32)
+    if isinstance(index, SegmentedIndex):
+        return ids, index.reconstruct_batch(ids)
     if isinstance(index, faiss.IndexIVF):
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
         xb = index.reconstruct_batch(ids)
@@ -287,22 +333,6 @@ def on_disk_lists(index: faiss.Index):
         return None
     il = faiss.downcast_InvertedLists(ivf.invlists)
     return il if isinstance(il, faiss.OnDiskInvertedLists) else None
-
-
-def to_memory(index: faiss.Index) -> faiss.Index:
-    """Copy on-disk inverted lists into memory, so a writer never changes a committed snapshot's .ivfdata."""
-    il = on_disk_lists(index)
-    if il is None:
-        return index
-    ivf = faiss.extract_index_ivf(index)
-    mem = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
-    for i in range(ivf.nlist):
-        n = il.list_size(i)
-        if n:
-            mem.add_entries(i, n, il.get_ids(i), il.get_codes(i))
-    ivf.replace_invlists(mem, True)
-    mem.this.disown()
-    return index
 
 
 @contextlib.contextmanager
@@ -376,24 +406,60 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def current_snapshot(root: Path) -> Path | None:
-    """The live snapshot directory of an index, or None if nothing was committed."""
+def seg_name(seg: int) -> str:
+    return f"seg-{seg:06d}"
+
+
+def _format1_snapshot(root: Path) -> Path | None:
+    """The live snapshot of an index still in format 1 (snap-N/ + CURRENT, no root catalog), else None."""
     cur = root / "CURRENT"
-    if not cur.exists():
+    if (root / CATALOG_FILE).exists() or not cur.is_file():
         return None
-    name = cur.read_text().strip()
-    snap = root / name
-    if not name.startswith("snap-") or not snap.is_dir():
-        raise IndexFormatError(f"{cur} points at '{name}', which is not a snapshot in {root}")
+    snap = root / cur.read_text().strip()
+    if not snap.name.startswith("snap-") or not snap.is_dir():
+        raise IndexFormatError(f"{cur} points at '{snap.name}', which is not a snapshot in {root}")
     return snap
+
+
+def _connect_ro(root: Path) -> sqlite3.Connection:
+    path = root / CATALOG_FILE
+    # autocommit mode: the reader opens its own read transaction (BEGIN) and keeps it while it reads one commit
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+
+
+def live_generation(root: str | os.PathLike) -> int | None:
+    """The generation of an index directory's live commit; None if nothing was committed (0: a format-1 index,
+    which the next writer converts)."""
+    root = Path(root).expanduser()
+    if _format1_snapshot(root) is not None:
+        return 0
+    if not (root / CATALOG_FILE).is_file():
+        return None
+    try:
+        db = _connect_ro(root)
+        try:
+            row = db.execute("SELECT max(gen) FROM commits").fetchone()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise IndexFormatError(f"{root / CATALOG_FILE} is not a readable catalog: {e}") from None
+    return row[0] if row else None
+
+
+def current_snapshot(root: Path) -> Path | None:
+    """The live commit of an index as a name (IDX/gen-N; not a directory since format 2), or None."""
+    gen = live_generation(root)
+    return None if gen is None else Path(root) / f"gen-{gen:06d}"
 
 
 @dataclass
 class Snapshot:
-    """A committed, read-only view of an index directory."""
+    """A committed, read-only view of an index directory: the catalog inside one read transaction (so every
+    query sees the same commit) and the segments that commit's manifest names."""
 
-    path: Path
+    root: Path
     manifest: Manifest
+    db: sqlite3.Connection = field(repr=False)
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> Snapshot:
@@ -402,56 +468,140 @@ class Snapshot:
             raise IndexFormatError(f"{root} is a file, not an index directory")
         if not root.is_dir():
             raise IndexFormatError(f"no index at {root} (run `dinosearch index FOLDER --index {root}` first)")
-        snap = current_snapshot(root)
-        if snap is None:
+        if _format1_snapshot(root) is not None:
+            raise IndexFormatError(f"{root} is in the old snapshot format (1): run `dinosearch verify {root} --repair` (or any "
+                                   f"`dinosearch index ... --index {root}`) once to convert it in place, no re-embedding")
+        if not (root / CATALOG_FILE).is_file():
             raise IndexFormatError(f"{root} has no committed snapshot yet: not a dinosearch index, or its first run has not committed")
-        return cls(snap, Manifest.load(snap / MANIFEST_FILE))
+        try:
+            db = _connect_ro(root)
+            db.execute("BEGIN")
+            row = db.execute("SELECT manifest FROM commits ORDER BY gen DESC LIMIT 1").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise IndexFormatError(f"{root / CATALOG_FILE} is corrupt: {e}") from None
+        if row is None:
+            db.close()
+            raise IndexFormatError(f"{root} has no committed snapshot yet: not a dinosearch index, or its first run has not committed")
+        return cls(root, Manifest.from_json(row[0], str(root / CATALOG_FILE)), db)
+
+    @property
+    def path(self) -> Path:
+        """The index directory (its catalog is ``path / catalog.sqlite``)."""
+        return self.root
+
+    @property
+    def name(self) -> str:
+        return f"gen-{self.manifest.gen:06d}"
+
+    def close(self) -> None:
+        self.db.close()
 
     def catalog(self) -> sqlite3.Connection:
-        """Read-only connection to the snapshot's catalog."""
-        path = self.path / CATALOG_FILE
-        if not path.is_file():
-            raise IndexFormatError(f"{path} is missing")
-        try:
-            db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
-            db.execute("SELECT count(*) FROM photos").fetchone()
-        except sqlite3.DatabaseError as e:
-            raise IndexFormatError(f"{path} is corrupt: {e}") from None
-        return db
+        """The catalog as of this commit (read-only, inside the snapshot's read transaction)."""
+        return self.db
 
-    def checked(self, name: str) -> Path:
-        """The path of one of the snapshot's files, after checking it against the size and checksum the manifest
+    def segment_files(self, kind: str) -> list[tuple[int, Path]]:
+        f = KIND_FILES[kind]
+        return [(s["seg"], self.root / seg_name(s["seg"]) / f) for s in self.manifest.segments if f in s["files"]]
+
+    def checked(self, seg: int, name: str) -> Path:
+        """The path of one of a segment's files, after checking it against the size and checksum the manifest
         recorded at commit: a damaged file is never handed to FAISS in this process (a damaged header can make
         FAISS allocate without bound). Costs one read of the file (blake2b ~0.8 GB/s), which also warms the cache."""
-        path = self.path / name
-        want = (self.manifest.files or {}).get(name)
+        path = self.root / seg_name(seg) / name
+        want = next((s["files"].get(name) for s in self.manifest.segments if s["seg"] == seg), None)
         if want is not None and path.is_file():
             if path.stat().st_size != want["size"] or file_digest(path) != want:
                 raise IndexFormatError(f"{path} is corrupt or truncated: it differs from what was committed (size or checksum); "
-                                       f"`dinosearch verify --repair` switches back to the last snapshot that checks out")
+                                       f"`dinosearch verify --repair` drops it (its photos are indexed again by the next run)")
         return path
 
-    def global_index(self) -> faiss.Index:
-        return read_index(self.checked(GLOBAL_FILE))
+    def _where(self, table: str) -> np.ndarray:
+        rows = np.array(self.db.execute(f"SELECT photo_id, seg FROM {table}").fetchall(), np.int64).reshape(-1, 2)
+        where = np.zeros(max(self.manifest.next_id, int(rows[:, 0].max(initial=0)) + 1), np.int64)
+        where[rows[:, 0]] = rows[:, 1]
+        return where
 
-    def patch_index(self) -> faiss.Index:
-        return read_index(self.checked(PATCH_FILE))
+    def _segmented(self, kind: str, table: str, per_photo: int) -> SegmentedIndex:
+        where = self._where(table)
+        parts = []
+        for seg, path in self.segment_files(kind):
+            index = read_index_mapped(self.checked(seg, path.name))  # flat codes mapped: they need not fit in RAM
+            ids = np.sort(index_ids(index))
+            photo = ids // per_photo
+            ok = photo < len(where)
+            live = np.zeros(len(ids), bool)
+            live[ok] = where[photo[ok]] == seg
+            parts.append(Part(seg, index, ids, ids[~live]))
+        return SegmentedIndex(parts, self.manifest.dim, per_photo, where)
 
-    def object_index(self) -> faiss.Index:
-        """SAM objects' vectors (an empty index for snapshots written before objects existed)."""
-        if not (self.path / OBJECT_FILE).is_file():
-            return faiss.IndexIDMap2(faiss.IndexFlatIP(self.manifest.dim))
-        return read_index(self.checked(OBJECT_FILE))
+    def global_index(self) -> SegmentedIndex:
+        return self._segmented("global", "vec", 1)
+
+    def patch_index(self) -> SegmentedIndex:
+        return self._segmented("patches", "vec", self.manifest.grid**2)
+
+    def object_index(self) -> SegmentedIndex:
+        """SAM objects' vectors (empty when the index has none)."""
+        return self._segmented("objects", "objvec", MAX_OBJECTS)
+
+
+def _convert_format1(root: Path, snap: Path) -> None:
+    """Convert a format-1 index in place: its snapshot's FAISS files become segment 1 (hard links, no copy), its
+    catalog the root catalog. The catalog's rename is the switch; a kill before it leaves format 1 intact."""
+    m = Manifest.load(snap / MANIFEST_FILE, versions=(1,))
+    seg = root / seg_name(1)
+    shutil.rmtree(seg, ignore_errors=True)
+    seg.mkdir()
+    files = {}
+    for f in sorted(p.name for p in snap.iterdir() if p.suffix in (".faiss", ".ivfdata")):
+        try:
+            os.link(snap / f, seg / f)
+        except OSError:
+            shutil.copy2(snap / f, seg / f)
+        if f.endswith(".faiss"):
+            files[f] = m.files.get(f) or file_digest(seg / f)
+    files = {f: d for f, d in files.items() if read_index(seg / f).ntotal > 0}  # empty files named nothing
+    for f in seg.iterdir():
+        _fsync_file(f)
+    _fsync_dir(seg)
+    tmp = root / (CATALOG_FILE + ".tmp")
+    tmp.unlink(missing_ok=True)
+    src = sqlite3.connect(f"file:{snap / CATALOG_FILE}?mode=ro", uri=True)
+    db = sqlite3.connect(tmp)
+    src.backup(db)
+    src.close()
+    db.executescript(SCHEMA)
+    m.format_version, m.gen, m.files = FORMAT_VERSION, 1, {}
+    m.segments = [{"seg": 1, "files": files, "kinds": {k: getattr(m, KIND_FIELD[k]) for k, f in KIND_FILES.items()
+                                                       if f in files}}] if files else []
+    with db:
+        if GLOBAL_FILE in files:
+            db.execute("INSERT INTO vec (photo_id, seg) SELECT id, 1 FROM photos WHERE status='indexed'")
+        if OBJECT_FILE in files:
+            db.execute("INSERT INTO objvec (photo_id, seg) SELECT DISTINCT photo_id, 1 FROM objects")
+        db.execute("INSERT INTO commits (gen, manifest, time) VALUES (1, ?, ?)", (m.to_json(), time.time()))
+    db.close()
+    _fsync_file(tmp)
+    os.replace(tmp, root / CATALOG_FILE)
+    _fsync_dir(root)
+    (root / "CURRENT").unlink()
+    for s in root.glob("snap-*"):
+        shutil.rmtree(s, ignore_errors=True)
+    log.warning("converted %s in place from whole snapshots (format 1) to segments (format 2); nothing re-embedded", root)
 
 
 class Writer:
-    """The single writer of an index directory: catalog + indexes in memory, committed as snapshots."""
+    """The single writer of an index directory: new vectors in memory until a commit writes them as a segment;
+    the catalog is changed in place inside one open transaction, committed with the new manifest."""
 
-    def __init__(self, root: str | os.PathLike, manifest: Manifest, *, vectors=None, load_indexes: bool = True):
-        """``vectors``: an external VectorStore (indexer.vectors) kept in step with every change.
-        ``load_indexes=False``: the global and patch indexes are not loaded (build-index replaces them)."""
+    def __init__(self, root: str | os.PathLike, manifest: Manifest | None, *, vectors=None, load_indexes: bool = True,
+                 wait: float = 0.0):
+        """``manifest``: the settings of a new index (an existing one keeps its own).
+        ``vectors``: an external VectorStore (indexer.vectors) kept in step with every change.
+        ``load_indexes`` is accepted for compatibility: a writer never loads the committed vectors.
+        ``wait``: seconds to wait for another writer to finish before IndexBusy (compaction's short swap)."""
         self.vectors = vectors
-        self._replacing = not load_indexes
         self.root = Path(root).expanduser().absolute()
         if self.root.exists() and not self.root.is_dir():
             raise IndexFormatError(f"{self.root} is a file, not an index directory")
@@ -461,42 +611,56 @@ class Writer:
         except OSError as e:
             raise IndexWriteError(f"cannot write to the index {self.root}: {e.strerror or e} (a read-only folder or disk?)",
                                   errno=e.errno) from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self._lock.close()
+                    raise IndexBusy(f"another dinosearch process is writing {self.root}; wait for it to finish") from None
+                time.sleep(0.1)
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise IndexBusy(f"another dinosearch process is writing {self.root}; wait for it to finish") from None
+            old = _format1_snapshot(self.root)
+            if old is not None:
+                _convert_format1(self.root, old)
+            fresh = not (self.root / CATALOG_FILE).exists()
+            self.db = sqlite3.connect(self.root / CATALOG_FILE, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")  # a commit is durable when it returns
+            self.db.executescript(SCHEMA)  # tables added since the catalog was written
+            row = None if fresh else self.db.execute("SELECT manifest FROM commits ORDER BY gen DESC LIMIT 1").fetchone()
+        except sqlite3.DatabaseError as e:
+            self._unlock()
+            raise IndexFormatError(f"{self.root / CATALOG_FILE} is not a readable catalog: {e}") from None
+        except BaseException:
+            self._unlock()
+            raise
+        if row is None and manifest is None:
+            self.close()
+            raise IndexFormatError(f"{self.root} has no committed snapshot yet: index a folder first")
+        self.manifest = Manifest.from_json(row[0], str(self.root / CATALOG_FILE)) if row else manifest
+        self.global_index: faiss.Index | None = None  # this commit's new vectors (the next segment)
+        self.patch_index: faiss.Index | None = None
+        self.object_index: faiss.Index | None = None
         self._clean()
-        snap = current_snapshot(self.root)
-        self.db = sqlite3.connect(":memory:")
-        if snap is None:
-            self.manifest = manifest
-            self.db.executescript(SCHEMA)
-            self.global_index: faiss.Index | None = None
-            self.patch_index: faiss.Index | None = None
-            self.object_index: faiss.Index | None = None
-        else:
-            old = Snapshot(snap, Manifest.load(snap / MANIFEST_FILE))
-            src = old.catalog()
-            src.backup(self.db)
-            src.close()
-            self.db.executescript(SCHEMA)  # tables added since the snapshot was written
-            self.manifest = old.manifest
-            self.global_index = to_memory(old.global_index()) if load_indexes else None
-            self.patch_index = to_memory(old.patch_index()) if load_indexes else None
-            self.object_index = old.object_index()
-            if self.global_index is not None and self.global_index.ntotal == 0:  # built on the first add, with its kind
-                self.global_index = self.patch_index = None
-            if self.object_index.ntotal == 0:
-                self.object_index = None
         self.dirty = False
+
+    @property
+    def next_seg(self) -> int:
+        """The segment (and generation) the next commit writes."""
+        return self.manifest.gen + 1
 
     # -- lifecycle
 
-    def close(self) -> None:
-        self.db.close()
+    def _unlock(self) -> None:
         fcntl.flock(self._lock, fcntl.LOCK_UN)
         self._lock.close()
+
+    def close(self) -> None:
+        self.db.close()  # an uncommitted transaction is rolled back: the catalog stays as the last commit left it
+        self._unlock()
 
     def __enter__(self) -> Writer:
         return self
@@ -504,26 +668,18 @@ class Writer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _snapshots(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("snap-*") if p.is_dir() and not p.name.endswith(".tmp"))
-
     def _clean(self) -> None:
-        """Remove unfinished snapshots, and committed ones older than the previous one."""
-        for tmp in self.root.glob("snap-*.tmp"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        live = current_snapshot(self.root)
-        snaps = self._snapshots()
-        if live is None:
-            for s in snaps:  # named but never made current: a crash between rename and switch
-                shutil.rmtree(s, ignore_errors=True)
-            return
-        keep = {live}
-        older = [s for s in snaps if s.name < live.name]
-        if older:
-            keep.add(older[-1])
-        for s in snaps:
-            if s not in keep:
-                shutil.rmtree(s, ignore_errors=True)
+        """Remove unfinished segments (a kill before the catalog's commit) and segments no manifest of the
+        live or the previous commit names (readers that opened the previous commit keep their files)."""
+        named = {s["seg"] for s in self.manifest.segments}
+        for (text,) in self.db.execute("SELECT manifest FROM commits ORDER BY gen DESC LIMIT 2"):
+            named |= {s["seg"] for s in json.loads(text).get("segments", [])}
+        for p in self.root.glob("seg-*"):
+            if p.name.endswith(".tmp") or int(p.name[4:10]) not in named:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob("snap-*"):  # a format-1 leftover (a kill inside the conversion's clean-up)
+            shutil.rmtree(p, ignore_errors=True)
+
 
     # -- catalog
 
@@ -571,10 +727,9 @@ class Writer:
         if len(objects):
             vectors = np.ascontiguousarray(vectors[: len(objects)], dtype=np.float32)
             if self.object_index is None:
-                kind = self.manifest.object_kind
-                self.manifest.object_kind = kind = "Flat" if kind.startswith("IVF") else kind
-                self.object_index = make_index(kind, self.manifest.dim, vectors)
+                self.object_index = make_index("Flat", self.manifest.dim, None)
             self.object_index.add_with_ids(vectors, ids)
+            self.db.execute("INSERT OR REPLACE INTO objvec (photo_id, seg) VALUES (?,?)", (int(photo_id), self.next_seg))
             if self.vectors is not None:
                 self.vectors.add("objects", ids, np.full(len(ids), int(photo_id), np.int64), vectors)
             self.db.executemany(
@@ -615,7 +770,13 @@ class Writer:
             self.vectors.clear("objects")
         self.db.execute("DELETE FROM objects")
         self.db.execute("DELETE FROM segmented")
+        self.db.execute("DELETE FROM objvec")  # every object segment is dead: the next commit drops them
         self.object_index = None
+        self.dirty = True
+
+    def forget_objects(self, photo_ids: list[int]) -> None:
+        """Forget photos' objects (they count as not segmented: the next run with --objects segments them again)."""
+        self._remove_objects(photo_ids)
         self.dirty = True
 
     def _remove_objects(self, photo_ids: list[int]) -> None:
@@ -625,6 +786,7 @@ class Writer:
         ids = [i for (i,) in self.db.execute(f"SELECT id FROM objects WHERE photo_id IN ({q})", [int(i) for i in photo_ids])]
         self.db.execute(f"DELETE FROM objects WHERE photo_id IN ({q})", [int(i) for i in photo_ids])
         self.db.execute(f"DELETE FROM segmented WHERE photo_id IN ({q})", [int(i) for i in photo_ids])
+        self.db.execute(f"DELETE FROM objvec WHERE photo_id IN ({q})", [int(i) for i in photo_ids])  # tombstones
         if ids and self.object_index is not None:
             self.object_index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64)))
         if ids and self.vectors is not None:
@@ -674,126 +836,179 @@ class Writer:
         return (np.asarray(photo_ids, np.int64)[:, None] * g + np.arange(g, dtype=np.int64)[None, :]).ravel()
 
     def _remove_vectors(self, photo_ids: list[int]) -> None:
-        if self.global_index is None or not photo_ids:
+        """Forget photos' global and patch vectors: their ``vec`` rows go (so what a segment holds of them is a
+        tombstone) and this commit's new vectors of them are removed (a small in-memory index)."""
+        if not photo_ids:
             return
         ids = np.asarray(photo_ids, np.int64)
-        self.global_index.remove_ids(faiss.IDSelectorBatch(ids))
-        self.patch_index.remove_ids(faiss.IDSelectorBatch(self._patch_ids(ids)))
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500].tolist()
+            self.db.execute(f"DELETE FROM vec WHERE photo_id IN ({','.join('?' * len(chunk))})", chunk)
+        if self.global_index is not None:
+            self.global_index.remove_ids(faiss.IDSelectorBatch(ids))
+            self.patch_index.remove_ids(faiss.IDSelectorBatch(self._patch_ids(ids)))
         if self.vectors is not None:
             self.vectors.remove_photos(ids.tolist(), kinds=("global", "patches"))
 
     def add(self, rows: list[tuple[int, str, int, int, str, int, int]], cls: np.ndarray, patches: np.ndarray) -> None:
-        """Add (or replace) photos: rows of (id, path, size, mtime_ns, hash, width, height), CLS [B, D], patches [B, h, w, D]."""
+        """Add (or replace) photos: rows of (id, path, size, mtime_ns, hash, width, height), CLS [B, D], patches [B, h, w, D].
+        The vectors go to this commit's new segment; a replaced photo's older vectors become tombstones."""
         m = self.manifest
         b = len(rows)
         assert cls.shape == (b, m.dim) and patches.shape == (b, m.grid, m.grid, m.dim), (cls.shape, patches.shape)
         ids = np.array([r[0] for r in rows], np.int64)
         flat = np.ascontiguousarray(patches.reshape(-1, m.dim), dtype=np.float32)
-        if self.global_index is None:  # IVF kinds are trained at commit, on everything added by then
-            m.global_kind = "Flat" if m.global_kind.startswith("IVF") else m.global_kind
-            m.patch_kind = "SQ8" if m.patch_kind.startswith("IVF") else m.patch_kind
-            self.global_index = make_index(m.global_kind, m.dim, cls)
-            self.patch_index = make_index(m.patch_kind, m.dim, flat)
+        if self.global_index is None:  # fresh segments are exact (SQ8 for patches); forced kinds are trained at commit
+            self.global_index = make_index("Flat", m.dim, None)
+            self.patch_index = make_index("SQ8", m.dim, flat)
         q = ",".join("?" * b)
         replaced = [i for (i,) in self.db.execute(f"SELECT id FROM photos WHERE status='indexed' AND id IN ({q})", ids.tolist())]
-        self._remove_vectors(replaced)  # only changed photos: a removal scans the whole index
+        self._remove_vectors(replaced)
         self._remove_objects(replaced)  # a changed photo's objects are made again (or stay gone without --objects)
         self.global_index.add_with_ids(np.ascontiguousarray(cls, dtype=np.float32), ids)
         self.patch_index.add_with_ids(flat, self._patch_ids(ids))
+        self.db.executemany("INSERT OR REPLACE INTO vec (photo_id, seg) VALUES (?,?)", [(int(i), self.next_seg) for i in ids])
         if self.vectors is not None:  # upserts: a resumed run re-sending a photo leaves one copy
             self.vectors.add("global", ids, ids, cls)
             self.vectors.add("patches", self._patch_ids(ids), np.repeat(ids, m.grid * m.grid), flat)
         for r in rows:
             self._upsert(*r, "indexed", None)
 
-    def _refit_kinds(self) -> None:
-        """Rebuild an index whose size has outgrown its kind, or that is not yet of its forced kind."""
+    def _seal_kinds(self) -> dict[str, faiss.Index]:
+        """This commit's new indexes by kind, a forced (--kind) kind trained on the segment's own vectors."""
         m = self.manifest
-        for attr, patches, forced, field_ in (("global_index", False, m.kinds_forced[0], "global_kind"),
-                                              ("patch_index", True, m.kinds_forced[1], "patch_kind"),
-                                              ("object_index", False, None, "object_kind")):
-            index = getattr(self, attr)
+        out = {}
+        for kind, index, forced in (("global", self.global_index, m.kinds_forced[0]), ("patches", self.patch_index, m.kinds_forced[1]),
+                                    ("objects", self.object_index, None)):
             if index is None or index.ntotal == 0:
                 continue
-            kind = forced or choose_kind(index.ntotal, m.dim, patches=patches)
-            current = getattr(m, field_)
-            if kind == current or (not forced and _family(kind) == _family(current)):  # a trained IVF keeps its nlist
-                continue
-            log.info("rebuilding %s: %d vectors, %s -> %s", attr, index.ntotal, current, kind)
-            ids, xb = reconstruct_all(index)
-            sample = xb[np.random.default_rng(0).permutation(len(xb))[: 256 * 1024]]
-            new = make_index(kind, m.dim, sample)
-            new.add_with_ids(xb, ids)
-            setattr(self, attr, new)
-            setattr(m, field_, kind)
+            if forced and forced != ("SQ8" if kind == "patches" else "Flat"):
+                ids, xb = reconstruct_all(index)
+                sample = xb[np.random.default_rng(0).permutation(len(xb))[:TRAIN_SAMPLE]]
+                try:
+                    trained = make_index(forced, m.dim, sample)
+                except ConfigError:
+                    if not m.segments:
+                        raise  # the first commit tells at once that the kind cannot be trained on this collection
+                    log.info("%d %s vectors are too few to train %s: this segment stays exact until compaction", len(xb), kind, forced)
+                else:
+                    trained.add_with_ids(xb, ids)
+                    index = trained
+            out[kind] = index
+        return out
+
+    def replace_segments(self, inputs: list[int], built: Path, record: dict) -> None:
+        """Compaction's swap: ``built`` (a directory of files holding the live vectors of ``inputs`` as of an
+        earlier commit) becomes segment ``record["seg"]`` in their place, committed at once. Vectors of photos
+        changed since that commit no longer named by an input segment stay tombstones in the new one."""
+        if self.dirty:
+            raise IndexWriteError("replace_segments needs a writer with nothing uncommitted")
+        seg = record["seg"]
+        assert seg == self.next_seg, (seg, self.next_seg)
+        final = self.root / seg_name(seg)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(built, final)
+        _fsync_dir(self.root)
+        q = ",".join("?" * len(inputs))
+        if GLOBAL_FILE in record["files"]:
+            self.db.execute(f"UPDATE vec SET seg=? WHERE seg IN ({q})", [seg, *inputs])
+        if OBJECT_FILE in record["files"]:
+            self.db.execute(f"UPDATE objvec SET seg=? WHERE seg IN ({q})", [seg, *inputs])
+        gone = set(inputs)
+        self.manifest.segments = [s for s in self.manifest.segments if s["seg"] not in gone] + [record]
+        self.dirty = True
+        self.commit()
 
     # -- commit
 
-    def begin_snapshot(self) -> Path:
-        """A new, empty snapshot directory (``snap-N.tmp``) for files made outside the writer (build-index)."""
-        snaps = self._snapshots()
-        number = int(snaps[-1].name.split("-")[1]) + 1 if snaps else 1
-        tmp = self.root / f"snap-{number:06d}.tmp"
+    def _write_segment(self, indexes: dict[str, faiss.Index]) -> dict:
+        """Write this commit's new vectors as seg-N (files fsynced, then the directory renamed into place)."""
+        seg = self.next_seg
+        final = self.root / seg_name(seg)
+        tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
         tmp.mkdir()
-        return tmp
-
-    def _write_snapshot(self, tmp: Path, name: str, prepared: bool = False) -> Path:
-        if not prepared:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        self.manifest.updated = time.time()
-        empty = faiss.IndexIDMap2(faiss.IndexFlatIP(self.manifest.dim))  # nothing indexed yet
-        faiss.write_index(self.global_index or empty, str(tmp / GLOBAL_FILE))
-        faiss.write_index(self.patch_index or empty, str(tmp / PATCH_FILE))
-        faiss.write_index(self.object_index or empty, str(tmp / OBJECT_FILE))
-        dst = sqlite3.connect(tmp / CATALOG_FILE)
-        self.db.commit()
-        self.db.backup(dst)
-        dst.close()
-        extra = sorted(p.name for p in tmp.glob("*.ivfdata"))  # on-disk inverted lists of build-index
-        self.manifest.files = {f: file_digest(tmp / f) for f in (GLOBAL_FILE, PATCH_FILE, OBJECT_FILE, CATALOG_FILE, *extra)}
-        (tmp / MANIFEST_FILE).write_text(self.manifest.to_json())
-        for f in (GLOBAL_FILE, PATCH_FILE, OBJECT_FILE, CATALOG_FILE, MANIFEST_FILE, *extra):
+        files = {}
+        for kind, index in indexes.items():
+            f = KIND_FILES[kind]
+            faiss.write_index(index, str(tmp / f))
             _fsync_file(tmp / f)
+            files[f] = file_digest(tmp / f)
         _fsync_dir(tmp)
-        final = self.root / name
         os.replace(tmp, final)
-        cur_tmp = self.root / "CURRENT.tmp"
-        cur_tmp.write_text(name + "\n")
-        _fsync_file(cur_tmp)
-        os.replace(cur_tmp, self.root / "CURRENT")
         _fsync_dir(self.root)
-        return final
+        return {"seg": seg, "files": files, "kinds": {k: _kind_of(i) for k, i in indexes.items()}}
 
-    def commit(self, *, prepared: Path | None = None) -> Path | None:
-        """Write everything as a new snapshot and switch CURRENT to it atomically.
-
-        ``prepared``: a directory from begin_snapshot() already holding extra files (kept, not recreated)."""
-        if not self.dirty and current_snapshot(self.root) is not None and prepared is None:
+    def commit(self) -> str | None:
+        """Write the vectors added since the last commit as a new segment, then commit the catalog's transaction
+        with the new manifest in it: the atomic switch. Returns the new commit's name (gen-N), None if nothing changed."""
+        if not self.dirty and self.manifest.gen > 0:
             return None
-        if self._replacing and (self.global_index is None or self.patch_index is None):
-            raise IndexWriteError("a writer opened without its indexes must be given new ones before a commit")
-        self._refit_kinds()
-        if prepared is not None:
-            tmp, name = prepared, prepared.name.removesuffix(".tmp")
-        else:
-            snaps = self._snapshots()
-            number = int(snaps[-1].name.split("-")[1]) + 1 if snaps else 1
-            name = f"snap-{number:06d}"
-            tmp = self.root / f"{name}.tmp"
+        indexes = self._seal_kinds()  # before any write: a kind that cannot be trained fails with nothing written
         if self.vectors is not None:
-            self.vectors.flush()  # the store holds everything the snapshot will name
+            self.vectors.flush()  # the store holds everything the commit will name
+        m = self.manifest
+        gen, before = self.next_seg, list(m.segments)
         try:
-            final = self._write_snapshot(tmp, name, prepared is not None)
+            if indexes:
+                m.segments = [*m.segments, self._write_segment(indexes)]
+            live = {s for (s,) in self.db.execute("SELECT DISTINCT seg FROM vec")}
+            live_obj = {s for (s,) in self.db.execute("SELECT DISTINCT seg FROM objvec")}
+            segments = []
+            for s in m.segments:  # a segment whose vectors are all tombstones leaves the manifest
+                keep = {f: d for f, d in s["files"].items() if (s["seg"] in live if f != OBJECT_FILE else s["seg"] in live_obj)}
+                if keep:
+                    segments.append({**s, "files": keep, "kinds": {k: v for k, v in s["kinds"].items() if KIND_FILES[k] in keep}})
+            m.segments = segments
+            m.gen, m.updated = gen, time.time()
+            if not m.kinds_forced[0]:
+                m.global_kind = _largest_kind(segments, "global", "Flat")
+            if not m.kinds_forced[1]:
+                m.patch_kind = _largest_kind(segments, "patches", "SQ8")
+            m.object_kind = _largest_kind(segments, "objects", "Flat")
+            self.db.execute("INSERT INTO commits (gen, manifest, time) VALUES (?,?,?)", (gen, m.to_json(), time.time()))
+            self.db.execute("DELETE FROM commits WHERE gen < ?", (gen - 1,))
+            self.db.commit()
         except (OSError, RuntimeError, sqlite3.Error) as e:  # FAISS reports write errors as RuntimeError
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(sqlite3.Error):
+                self.db.rollback()
+            m.gen, m.segments = gen - 1, before
+            shutil.rmtree(self.root / (seg_name(gen) + ".tmp"), ignore_errors=True)
+            shutil.rmtree(self.root / seg_name(gen), ignore_errors=True)
             code = getattr(e, "errno", None)
             e = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:200]
-            live = current_snapshot(self.root)
-            kept = f"the last committed snapshot ({live.name}) is intact" if live else "nothing had been committed yet"
+            kept = f"the last commit (gen-{gen - 1:06d}) is intact" if gen > 1 else "nothing had been committed yet"
             raise IndexWriteError(f"could not write a new snapshot in {self.root}: {e}; {kept}; "
                                   f"free space (or lift the limit) and run again to resume", errno=code) from None
+        self.global_index = self.patch_index = self.object_index = None
         self.dirty = False
         self._clean()
-        return final
+        return f"gen-{gen:06d}"
+
+
+TRAIN_SAMPLE = 65_536  # vectors a trained kind learns from (bounded: training time must not grow with the data)
+
+
+def _kind_of(index: faiss.Index) -> str:
+    """A short description of an index's kind for the manifest (the factory string it was made from)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
+    if ivf is not None:
+        codes = faiss.downcast_index(ivf)
+        if isinstance(codes, faiss.IndexIVFPQ):
+            return f"IVF{ivf.nlist},PQ{codes.pq.M}"
+        if isinstance(codes, faiss.IndexIVFScalarQuantizer):
+            return f"IVF{ivf.nlist},SQ8"
+        return f"IVF{ivf.nlist},Flat"
+    if isinstance(inner, faiss.IndexScalarQuantizer):
+        return "SQ8"
+    if isinstance(inner, faiss.IndexHNSW):
+        return f"HNSW{inner.hnsw.nb_neighbors(1)}"
+    return "Flat"
+
+
+def _largest_kind(segments: list[dict], kind: str, default: str) -> str:
+    """The kind of the segment with the most vectors of ``kind`` (what `info` reports)."""
+    best = max((s for s in segments if kind in s["kinds"]), key=lambda s: s["files"][KIND_FILES[kind]]["size"], default=None)
+    return best["kinds"][kind] if best else default

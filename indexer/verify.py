@@ -1,4 +1,5 @@
-"""Check an index directory: manifest, catalog and every FAISS file against each other.
+"""Check an index directory: the catalog (with the live manifest in it), every segment file and the tombstones
+(the catalog's vec / objvec rows) against each other.
 
 FAISS files are opened in a child process first, so a file corrupted in a way
 that crashes the reader is reported by name instead of taking the caller down.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +19,15 @@ from indexer.errors import DinosearchError, IndexFormatError
 from indexer.store import (
     CATALOG_FILE,
     GLOBAL_FILE,
-    MANIFEST_FILE,
+    MAX_OBJECTS,
     OBJECT_FILE,
     PATCH_FILE,
     Manifest,
+    Writer,
     file_digest,
     index_ids,
     read_index,
+    seg_name,
 )
 
 
@@ -77,83 +79,134 @@ def _safe_to_read(path: Path) -> str | None:
     return f"{path} could not be read (the reader exited with code {p.exitcode})"
 
 
-def _snapshot_problems(snap: Path) -> tuple[list[str], dict[str, int]]:
+def _catalog_problems(db: sqlite3.Connection, m: Manifest, where: str) -> list[str]:
+    """The catalog against itself: SQLite's check, ids below next_id, vec/objvec rows only for photos that have
+    vectors, and only naming live segments."""
+    problems = []
+    if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+        problems.append(f"{where} fails SQLite's integrity check")
+    top = db.execute("SELECT max(id) FROM photos").fetchone()[0]
+    if top is not None and top >= m.next_id:
+        problems.append(f"manifest next_id {m.next_id} is not above the largest photo id {top}")
+    live = {s["seg"] for s in m.segments}
+    for table, what, f in (("vec", "photos p WHERE p.status='indexed'", GLOBAL_FILE), ("objvec", "segmented p", OBJECT_FILE)):
+        orphan = db.execute(f"SELECT count(*), min(v.photo_id) FROM {table} v WHERE v.photo_id NOT IN "
+                            f"(SELECT {'p.id' if table == 'vec' else 'p.photo_id'} FROM {what})").fetchone()
+        if orphan[0]:
+            problems.append(f"{where}: {orphan[0]} {table} rows name photos without vectors (e.g. {orphan[1]})")
+        segs = {s for (s,) in db.execute(f"SELECT DISTINCT seg FROM {table}")}
+        holding = {s["seg"] for s in m.segments if f in s["files"]}
+        if segs - holding:
+            problems.append(f"{where}: {table} names segments the live manifest does not hold {sorted(segs - holding)[:5]} "
+                            f"(live: {sorted(live)[:5]})")
+    missing = db.execute("SELECT count(*), min(id) FROM photos WHERE status='indexed' AND id NOT IN (SELECT photo_id FROM vec)").fetchone()
+    if missing[0]:
+        problems.append(f"{where}: {missing[0]} indexed photos have no vectors recorded (e.g. {missing[1]})")
+    return problems
+
+
+def _live(path: Path, seg: int, where: np.ndarray, per_photo: int, damaged: set[Path], problems: list[str]) -> np.ndarray | None:
+    """The live ids of one segment file (checked in a child process first), or None if it cannot be read."""
+    why = _safe_to_read(path) if path.is_file() else f"{path} is missing"
+    if why:
+        problems.append(why)
+        return None
+    if path in damaged:
+        return None
+    ids = index_ids(read_index(path))
+    uniq = np.unique(ids)
+    if len(uniq) != len(ids):
+        problems.append(f"{path} has {len(ids) - len(uniq)} duplicate ids")
+    photo = uniq // per_photo
+    ok = photo < len(where)
+    live = np.zeros(len(uniq), bool)
+    live[ok] = where[photo[ok]] == seg
+    return uniq[live]
+
+
+def _index_problems(root: Path) -> tuple[list[str], dict[str, int], Manifest | None, set[int]]:
+    """(problems, counts, the live manifest, the segments with a damaged or unreadable file)."""
     problems: list[str] = []
+    bad: set[int] = set()
     counts: dict[str, int] = {}
+    path = root / CATALOG_FILE
     try:
-        m = Manifest.load(snap / MANIFEST_FILE)
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        db.execute("BEGIN")  # one commit's view, whatever a writer does meanwhile
+        row = db.execute("SELECT manifest FROM commits ORDER BY gen DESC LIMIT 1").fetchone()
+    except sqlite3.DatabaseError as e:
+        return [f"{path} is not a readable catalog: {e}"], counts, None, bad
+    if row is None:
+        return [f"{path} holds no commit"], counts, None, bad
+    try:
+        m = Manifest.from_json(row[0], str(path))
     except IndexFormatError as e:
-        return [str(e)], counts
+        return [str(e)], counts, None, bad
     try:
-        db = sqlite3.connect(f"file:{snap / CATALOG_FILE}?mode=ro", uri=True)
-        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-            problems.append(f"{snap / CATALOG_FILE} fails SQLite's integrity check")
+        problems += _catalog_problems(db, m, str(path))
         rows = db.execute("SELECT id, status FROM photos").fetchall()
-        has_objects = db.execute("SELECT 1 FROM sqlite_master WHERE name='objects'").fetchone() is not None
-        object_rows = np.array(sorted(i for (i,) in db.execute("SELECT id FROM objects")) if has_objects else [], np.int64)
+        indexed = np.array(sorted(i for i, s in rows if s == "indexed"), np.int64)
+        counts.update(photos_indexed=len(indexed), photos_failed=sum(s == "failed" for _, s in rows), segments=len(m.segments))
+        object_rows = np.array(sorted(i for (i,) in db.execute("SELECT id FROM objects")), np.int64)
+        where = {}
+        for table in ("vec", "objvec"):
+            vr = np.array(db.execute(f"SELECT photo_id, seg FROM {table}").fetchall(), np.int64).reshape(-1, 2)
+            where[table] = np.zeros(max(m.next_id, int(vr[:, 0].max(initial=0)) + 1), np.int64)
+            where[table][vr[:, 0]] = vr[:, 1]
         db.close()
     except sqlite3.DatabaseError as e:
-        return problems + [f"{snap / CATALOG_FILE} is not a readable catalog: {e}"], counts
-    indexed = np.array(sorted(i for i, s in rows if s == "indexed"), np.int64)
-    counts.update(photos_indexed=len(indexed), photos_failed=sum(s == "failed" for _, s in rows))
-    if rows and max(i for i, _ in rows) >= m.next_id:
-        problems.append(f"manifest next_id {m.next_id} is not above the largest photo id {max(i for i, _ in rows)}")
-    damaged: set[str] = set()  # files that differ from the commit: checked in a child only, never read here
-    for name, want in m.files.items():
-        path = snap / name
-        if path.is_file() and file_digest(path) != want:
-            damaged.add(name)
-            problems.append(f"{path} differs from what was committed (size {path.stat().st_size}, expected {want['size']}; "
-                            f"checksum mismatch): the file was changed or damaged after the commit")
+        return problems + [f"{path} is not a readable catalog: {e}"], counts, m, bad
+    damaged: set[Path] = set()  # files that differ from the commit: checked in a child only, never read here
+    for s in m.segments:
+        for name, want in s["files"].items():
+            f = root / seg_name(s["seg"]) / name
+            if f.is_file() and file_digest(f) != want:
+                damaged.add(f)
+                bad.add(s["seg"])
+                problems.append(f"{f} differs from what was committed (size {f.stat().st_size}, expected {want['size']}; "
+                                f"checksum mismatch): the file was changed or damaged after the commit")
     g2 = m.grid * m.grid
-    for name, per_photo in ((GLOBAL_FILE, 1), (PATCH_FILE, g2)):
-        path = snap / name
-        why = _safe_to_read(path) if path.is_file() else f"{path} is missing"
-        if why:
-            problems.append(why)
+    for name, table, per_photo, want in ((GLOBAL_FILE, "vec", 1, indexed), (PATCH_FILE, "vec", g2, indexed),
+                                         (OBJECT_FILE, "objvec", MAX_OBJECTS, object_rows)):
+        got, whole = [], True
+        for s in m.segments:
+            if name not in s["files"]:
+                continue
+            live = _live(root / seg_name(s["seg"]) / name, s["seg"], where[table], per_photo, damaged, problems)
+            if live is None:
+                whole = False
+                bad.add(s["seg"])
+                continue
+            got.append(live)
+        if not whole:
             continue
-        if name in damaged:
-            continue
-        index = read_index(path)
-        if index.d != m.dim:
-            problems.append(f"{path} holds {index.d}-dim vectors, the manifest says {m.dim}")
-        ids = index_ids(index)
+        ids = np.sort(np.concatenate(got)) if got else np.zeros(0, np.int64)
         counts[name] = len(ids)
-        uniq = np.unique(ids)
-        if len(uniq) != len(ids):
-            problems.append(f"{path} has {len(ids) - len(uniq)} duplicate ids")
-        photos = np.unique(uniq // per_photo)
-        if len(ids) != per_photo * len(indexed) or not np.array_equal(photos, indexed):
-            missing = np.setdiff1d(indexed, photos)
-            extra = np.setdiff1d(photos, indexed)
+        if name == OBJECT_FILE:
+            if not np.array_equal(ids, want):
+                problems.append(f"{root} has {len(ids)} live object vectors; the catalog lists {len(want)} objects "
+                                f"({len(np.setdiff1d(want, ids))} without a vector, {len(np.setdiff1d(ids, want))} not in the catalog)")
+            continue
+        photos = np.unique(ids // per_photo)
+        if len(ids) != per_photo * len(want) or not np.array_equal(photos, want):
+            missing, extra = np.setdiff1d(want, photos), np.setdiff1d(photos, want)
             problems.append(
-                f"{path} has {len(ids)} vectors for {len(photos)} photos; the catalog has {len(indexed)} indexed photos "
+                f"{root} has {len(ids)} live {name} vectors for {len(photos)} photos; the catalog has {len(want)} indexed photos "
                 f"({len(missing)} without vectors, e.g. {missing[:3].tolist()}; {len(extra)} not in the catalog, e.g. {extra[:3].tolist()})"
             )
-    path = snap / OBJECT_FILE
-    if path.is_file():
-        why = _safe_to_read(path)
-        if why:
-            problems.append(why)
-        elif OBJECT_FILE not in damaged:
-            ids = np.sort(index_ids(read_index(path)))
-            counts[OBJECT_FILE] = len(ids)
-            if not np.array_equal(ids, object_rows):
-                problems.append(f"{path} has {len(ids)} object vectors; the catalog lists {len(object_rows)} objects "
-                                f"({len(np.setdiff1d(object_rows, ids))} without a vector, {len(np.setdiff1d(ids, object_rows))} not in the catalog)")
-    return problems, counts
+    return problems, counts, m, bad
 
 
-def _store_problems(snap: Path, repair: bool) -> tuple[list[str], list[str]]:
+def _store_problems(root: Path, repair: bool) -> tuple[list[str], list[str]]:
     """The external vector store (Milvus) against the catalog: vectors of photos the catalog does not hold as indexed
     (left by a run killed before its commit) and indexed photos without vectors. ``repair`` deletes the former."""
     from indexer.vectors import open_store
 
     try:
-        m = Manifest.load(snap / MANIFEST_FILE)
+        m = Manifest.load_current(root)
         if not m.store:
             return [], []
-        db = sqlite3.connect(f"file:{snap / CATALOG_FILE}?mode=ro", uri=True)
+        db = sqlite3.connect(f"file:{root / CATALOG_FILE}?mode=ro", uri=True)
         indexed = np.array(sorted(i for (i,) in db.execute("SELECT id FROM photos WHERE status='indexed'")), np.int64)
         db.close()
         store = open_store(m.store, m.dim)
@@ -180,48 +233,50 @@ def _store_problems(snap: Path, repair: bool) -> tuple[list[str], list[str]]:
 
 
 def verify(root: str | os.PathLike, *, repair: bool = False) -> Report:
-    """Check the live snapshot; with ``repair``, fix what is safe to fix (never deletes committed photos)."""
+    """Check the live commit; with ``repair``, fix what is safe to fix: remove unfinished segments, convert a
+    format-1 index, and drop a damaged segment (its photos leave the catalog, so the next run embeds them again)."""
     root = Path(root).expanduser()
     report = Report()
     if not root.is_dir():
         report.problems.append(f"no index directory at {root}")
         return report
-    leftovers = sorted(p for p in root.glob("snap-*.tmp"))
-    cur = root / "CURRENT"
-    name = cur.read_text().strip() if cur.is_file() else None
-    snaps = sorted(p for p in root.glob("snap-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    live = root / name if name else None
-    if live is None or not live.is_dir():
-        report.problems.append(f"{cur} is missing or points at a snapshot that does not exist ({name!r})")
-        live = None
-    else:
-        report.snapshot = live.name
-        problems, report.counts = _snapshot_problems(live)
-        report.problems += problems
+    if repair and ((root / "CURRENT").is_file() and not (root / CATALOG_FILE).exists()):
+        Writer(root, None).close()  # converts in place
+        report.repaired.append(f"converted {root} from whole snapshots (format 1) to segments (format 2)")
+    if not (root / CATALOG_FILE).is_file():
+        report.problems.append(f"{root / CATALOG_FILE} is missing: not a dinosearch index (or an old one: --repair converts it)")
+        return report
+    problems, report.counts, m, bad = _index_problems(root)
+    report.snapshot = f"gen-{m.gen:06d}" if m else None
+    report.problems += problems
+    named = {s["seg"] for s in m.segments} if m else set()
+    leftovers = sorted(p for p in root.glob("seg-*") if p.name.endswith(".tmp") or (m and int(p.name[4:10]) > m.gen))
     if leftovers:
-        msg = f"unfinished snapshot(s) left by an interrupted commit: {', '.join(p.name for p in leftovers)}"
+        msg = f"unfinished segment(s) left by an interrupted commit: {', '.join(p.name for p in leftovers)}"
         if repair:
-            for p in leftovers:
-                shutil.rmtree(p, ignore_errors=True)
+            with Writer(root, None):  # the writer removes them (under the lock: never a live writer's segment)
+                pass
             report.repaired.append("removed " + msg)
         else:
-            report.problems.append(msg + " (--repair removes them)")
-    if repair and report.problems:
-        # fall back to the newest older snapshot that checks out whole
-        for snap in reversed(snaps):
-            if live is not None and snap.name >= live.name:
-                continue
-            problems, counts = _snapshot_problems(snap)
-            if not problems:
-                tmp = root / "CURRENT.tmp"
-                tmp.write_text(snap.name + "\n")
-                os.replace(tmp, cur)
-                report.repaired.append(f"CURRENT switched back to {snap.name}, the newest snapshot that checks out "
-                                       f"(work committed after it must be indexed again)")
-                report.snapshot, report.counts, report.problems = snap.name, counts, []
-                break
-    if report.snapshot is not None:  # after any switch back: the store is checked against the catalog that stays live
-        problems, repaired = _store_problems(root / report.snapshot, repair)
+            report.problems.append(msg + " (--repair or the next run removes them)")
+    bad = sorted(bad & named)
+    if repair and bad:
+        with Writer(root, None) as w:
+            photos = [i for (i,) in w.db.execute(f"SELECT photo_id FROM vec WHERE seg IN ({','.join('?' * len(bad))})", bad)]
+            objs = [i for (i,) in w.db.execute(f"SELECT photo_id FROM objvec WHERE seg IN ({','.join('?' * len(bad))})", bad)]
+            w.delete(photos)
+            w.forget_objects(objs)
+            w.manifest.segments = [s for s in w.manifest.segments if s["seg"] not in bad]
+            w.dirty = True
+            w.commit()
+        report.repaired.append(f"dropped damaged segment(s) {', '.join(seg_name(s) for s in bad)}: {len(photos)} photos left the "
+                               f"catalog and {len(objs)} photos their objects; the next `index` run embeds them again")
+        problems, report.counts, m, _ = _index_problems(root)
+        report.snapshot, report.problems = f"gen-{m.gen:06d}" if m else None, problems
+    elif repair and leftovers:
+        report.problems = [p for p in report.problems if not p.startswith("unfinished segment(s)")]
+    if m is not None:  # after any repair: the store is checked against the catalog that stays live
+        problems, repaired = _store_problems(root, repair)
         report.problems += problems
         report.repaired += repaired
     return report

@@ -13,8 +13,9 @@ Data (synthetic, d=384 like dinov2-small, stated so the figures can be read):
   late interaction (mean over query patches of the best match per photo) over
   every float32 patch.
 
-Both indexes are built with the indexer's own code (index kind chosen by
-size, the Writer's training at commit) and queried through search.Engine.
+Both indexes are built with the indexer's own code (the Writer's commit, then
+compaction into one sealed segment whose kind is chosen by size) and queried
+through search.Engine.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from indexer.compact import compact  # noqa: E402
 from indexer.store import Manifest, Writer, choose_kind, make_index  # noqa: E402
 from search import Engine  # noqa: E402
 
@@ -168,9 +170,11 @@ def bench_region(n_photos: int, rng: np.random.Generator, out: Path, nq: int = 3
             faiss.normalize_L2(cls)
             w.add(rows, cls, xp[s:e].reshape(e - s, grid, grid, D))
         w.commit()
+    compact(idx, force=True)  # one sealed segment, its patch kind chosen by size (trained on a bounded sample)
     build = time.perf_counter() - t
     engine = Engine(idx)
-    patch_bytes = (engine.snapshot.path / "patches.faiss").stat().st_size / engine.patch_index.ntotal
+    live = [d["size"] for s in engine.manifest.segments for f, d in s["files"].items() if f.startswith("patches.")]
+    patch_bytes = sum(live) / engine.patch_index.ntotal  # the live segments' patch files
     flat = xp.reshape(-1, D)
     lat, exact_lat, recalls = [], [], []
     for p, qmask in queries:

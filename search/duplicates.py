@@ -33,6 +33,7 @@ import faiss
 import numpy as np
 
 from indexer.errors import DinosearchError
+from indexer.segments import SegmentedIndex
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,22 @@ class DuplicateConfig:
 JOIN_MIN = 20_000  # a whole pass over at least this many photos takes its candidates from the clustered join
 
 
+def _search(index, xq: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """k-NN with ``nprobe`` IVF lists for this search only, on a FAISS index or the store's SegmentedIndex."""
+    if isinstance(index, SegmentedIndex):
+        return index.search(xq, k, nprobe=nprobe)
+    ivf = faiss.try_extract_index_ivf(index)
+    params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe)) if ivf is not None else None  # the index's own
+    return index.search(xq, k, params=params)
+
+
+def _quantizer(index) -> faiss.Index | None:
+    """The coarse quantizer of the (largest) IVF index among ``index``'s parts, for the join's clusters; None: k-means."""
+    ivfs = index.ivf_parts() if isinstance(index, SegmentedIndex) else [faiss.try_extract_index_ivf(index)]
+    ivfs = [i for i in ivfs if i is not None]
+    return max(ivfs, key=lambda i: i.ntotal).quantizer if ivfs else None
+
+
 def candidate_pairs(index: faiss.Index, ids: np.ndarray, xb: np.ndarray, k: int, min_cosine: float,
                     *, nprobe: int = 64, batch: int = 4096, join: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i < j) of ids whose global vectors are among each other's k nearest with cosine >= min_cosine.
@@ -88,16 +105,13 @@ def candidate_pairs(index: faiss.Index, ids: np.ndarray, xb: np.ndarray, k: int,
     if not len(ids) or index.ntotal < 2:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
     if (join if join is not None else (len(ids) == index.ntotal and len(ids) >= JOIN_MIN)):
-        ivf = faiss.try_extract_index_ivf(index)
-        q, j, cos = join_pairs(xb, k, min_cosine, quantizer=ivf.quantizer if ivf is not None else None)
+        q, j, cos = join_pairs(xb, k, min_cosine, quantizer=_quantizer(index))
         return _unique_pairs(ids[q], ids[j], cos)
-    ivf = faiss.try_extract_index_ivf(index)
-    params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe)) if ivf is not None else None  # the index's own
-    kk = min(k + 1, int(index.ntotal))  # nprobe (what searches use) is left as it is
+    kk = min(k + 1, int(index.ntotal))  # nprobe (what searches use) is left as it is: the search carries its own
     out_q, out_i, out_d = [], [], []
     for s in range(0, len(ids), batch):
         xq = np.ascontiguousarray(xb[s:s + batch], dtype=np.float32)
-        D, I = index.search(xq, kk, params=params)
+        D, I = _search(index, xq, kk, nprobe)
         q = np.repeat(ids[s:s + batch], kk)
         I, D = I.ravel(), D.ravel()
         ok = (I >= 0) & (I != q) & (D >= min_cosine)

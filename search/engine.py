@@ -20,10 +20,11 @@ import faiss
 import numpy as np
 
 from indexer.embedder import Embedder, EmbedderConfig
-from indexer.errors import DinosearchError
+from indexer.errors import DinosearchError, IndexFormatError
 from indexer.objects import Mask, Segmenter, SegmenterConfig, crop_object
 from indexer.reader import DEFAULT_MAX_PIXELS, decode_both, load_query, read_file
-from indexer.store import MAX_OBJECTS, Snapshot, current_snapshot, index_ids
+from indexer.segments import only_ids  # noqa: F401  (re-exported: searches restricted to ids)
+from indexer.store import MAX_OBJECTS, Snapshot, live_generation
 from search.query import BadQuery, Example, Filters, SearchQuery, great_circle_km
 from search.region import BadRegion, box_to_mask, late_interaction, localize, pixel_mask_to_grid
 
@@ -129,19 +130,6 @@ class EngineConfig:
 Query = str | os.PathLike | bytes | int
 
 
-def only_ids(index: faiss.Index, ids: np.ndarray) -> faiss.SearchParameters:
-    """Search parameters that restrict ``index`` to ``ids`` (an IVF index takes its own parameter type, which must
-    carry its nprobe: SearchParametersIVF's default of 1 would replace the index's)."""
-    sel = faiss.IDSelectorBatch(np.ascontiguousarray(ids, np.int64))
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and isinstance(index, faiss.IndexIVF):
-        params = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
-    else:
-        params = faiss.SearchParameters(sel=sel)
-    params.keep_alive = sel  # the SWIG object must outlive the search
-    return params
-
-
 class Engine:
     """Read-only search over the live snapshot of ``index_dir``; ``refresh()`` picks up new commits."""
 
@@ -157,6 +145,7 @@ class Engine:
     def _load(self, snap: Snapshot) -> None:
         self._patch_index = None
         self._object_index = None
+        old = getattr(self, "snapshot", None)
         self.snapshot = snap
         self.manifest = snap.manifest
         self.db = snap.catalog()
@@ -166,17 +155,16 @@ class Engine:
             from indexer.vectors import open_store
 
             self.vectors = open_store(uri, self.manifest.dim)
-        ivf = faiss.try_extract_index_ivf(self.global_index)
-        if ivf is not None:
-            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct by (any) id for the exact re-rank
-            ivf.nprobe = min(ivf.nlist, self.config.nprobe)
+        self.global_index.set_nprobe(self.config.nprobe)
         if self._embedder is not None:
             self.manifest.check(self._embedder)
+        if old is not None:
+            old.close()  # its read transaction ends: the catalog's WAL can be checkpointed past it
 
     def refresh(self) -> bool:
         """Switch to a newer committed snapshot if there is one; True if switched."""
-        live = current_snapshot(self.root)
-        if live is None or live == self.snapshot.path:
+        live = live_generation(self.root)
+        if live is None or live == self.manifest.gen:
             return False
         with self._lock:
             self._load(Snapshot.open(self.root))
@@ -200,19 +188,27 @@ class Engine:
     def patch_index(self) -> faiss.Index:
         """The patch index, loaded on first use (global-only users never pay for it)."""
         if self._patch_index is None:
-            idx = self.snapshot.patch_index()
-            ivf = faiss.try_extract_index_ivf(idx)
-            if ivf is not None:
-                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-                ivf.nprobe = min(ivf.nlist, self.config.nprobe)
+            idx = self._lazy(lambda: self.snapshot.patch_index())
+            idx.set_nprobe(self.config.nprobe)
             self._patch_index = idx
         return self._patch_index
+
+    def _lazy(self, load):
+        """Load a part of the snapshot on first use; if compaction has since removed its segments (this engine's
+        commit is two or more behind), switch to the live commit and load it from there."""
+        try:
+            return load()
+        except IndexFormatError:
+            if live_generation(self.root) in (None, self.manifest.gen):
+                raise
+            self._load(Snapshot.open(self.root))  # not refresh(): callers may hold self._lock already
+            return load()
 
     @property
     def object_index(self) -> faiss.Index:
         """SAM objects' vectors, loaded on first use."""
         if self._object_index is None:
-            self._object_index = self.snapshot.object_index()
+            self._object_index = self._lazy(lambda: self.snapshot.object_index())
         return self._object_index
 
     @property
@@ -419,7 +415,7 @@ class Engine:
     def photo_vector(self, photo_id: int) -> np.ndarray:
         try:
             return self.global_index.reconstruct(int(photo_id))
-        except RuntimeError:
+        except (RuntimeError, KeyError):
             raise UnknownPhoto(f"photo id {photo_id} is not in the index") from None
 
     # -- queries
@@ -501,17 +497,17 @@ class Engine:
         if k <= 0 or n == 0 or (allowed is not None and not allowed):
             return []
         xq = np.ascontiguousarray(np.asarray(v, np.float32)[None])
-        params = None
+        only = None
         if allowed is not None:
             lo = np.fromiter(allowed, np.int64) * MAX_OBJECTS
-            params = only_ids(index, (lo[:, None] + np.arange(MAX_OBJECTS)).ravel())
+            only = (lo[:, None] + np.arange(MAX_OBJECTS)).ravel()
         kk = min(n, max(8 * k, 64))
         while True:  # widen until k distinct photos are found (a photo may hold many similar objects)
             if self.vectors is not None:
                 D, I = self.vectors.search("objects", xq, kk, photos=allowed)
             else:
                 with self._lock:
-                    D, I = index.search(xq, kk, params=params)
+                    D, I = index.search(xq, kk, ids=only)
             ok = I[0] >= 0
             ids, scores = I[0][ok], D[0][ok]
             best: dict[int, tuple[float, int]] = {}
@@ -576,13 +572,13 @@ class Engine:
             if self.vectors is not None:
                 D, I = self.vectors.search("patches", xq, patch_k, photos=allowed)
             else:
-                params = None
+                only = None
                 if allowed is not None:  # inside the search: every patch found belongs to a photo the filter passes
                     g2 = grid * grid
                     pid = np.fromiter(allowed, np.int64)
-                    params = only_ids(self.patch_index, (pid[:, None] * g2 + np.arange(g2)).ravel())
+                    only = (pid[:, None] * g2 + np.arange(g2)).ravel()
                 with self._lock:
-                    D, I = self.patch_index.search(xq, min(patch_k, self.patch_index.ntotal), params=params)
+                    D, I = self.patch_index.search(xq, min(patch_k, self.patch_index.ntotal), ids=only)
             valid = (I >= 0).ravel()
             qrow = np.repeat(np.arange(len(xq)), I.shape[1])[valid]
             photo, d = (I.ravel() // (grid * grid))[valid], D.ravel()[valid]
@@ -631,7 +627,7 @@ class Engine:
 
         g2 = self.manifest.grid**2
         with self._lock:
-            ids = np.sort(index_ids(self.patch_index))
+            ids = self.patch_index.ids()
         if len(ids) == 0:
             return []
         rng = np.random.default_rng(seed)
@@ -692,14 +688,12 @@ class Engine:
         plan = self.global_plan(allowed)
         exact = plan == "flat"
         kk = min(n, k if exact else max(4 * k, 64))
-        params = None
         if plan == "scan":
             ids, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
         else:
-            if allowed is not None:
-                params = only_ids(self.global_index, np.fromiter(allowed, np.int64))
+            only = np.fromiter(allowed, np.int64) if allowed is not None else None
             with self._lock:
-                D, I = self.global_index.search(xq, kk, params=params)
+                D, I = self.global_index.search(xq, kk, ids=only)
             ids = I[0][I[0] >= 0]
             scores = D[0][: len(ids)]
         if allowed is not None and len(ids) < min(k, len(allowed)):  # a scan, or an IVF probe missed photos that pass:
@@ -708,7 +702,7 @@ class Engine:
             order = np.argsort(-scores, kind="stable")
             ids, scores = ids[order], scores[order]
         elif not exact and len(ids):  # re-rank the candidates on their stored vectors
-            xb = np.stack([self.global_index.reconstruct(int(i)) for i in ids])
+            xb = self.global_index.reconstruct_batch(ids)
             scores = xb @ xq[0]
             order = np.argsort(-scores, kind="stable")
             ids, scores = ids[order], scores[order]
@@ -724,7 +718,7 @@ class Engine:
         exactly if the probe finds fewer than k), or "scan" (an IVF index and a filter that passes at most SCAN_MAX
         photos: those are scored exactly, which is exact and cheap, where a probe would see only the few of them that
         lie in its lists)."""
-        if self.vectors is not None or self.manifest.global_kind == "Flat":
+        if self.vectors is not None or self.global_index.exact:
             return "flat"
         if allowed is None:
             return "ivf"

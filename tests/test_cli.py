@@ -16,6 +16,8 @@ import pytest
 from conftest import sample_photos
 from test_index import assert_consistent, catalog_rows
 
+from indexer.store import live_generation
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -82,7 +84,7 @@ def _kill_and_resume(folder: Path, idx: Path, model: Path, trials: int, seed: in
             proc.send_signal(signal.SIGKILL)
             killed += 1
         proc.wait()
-        if idx.exists() and (idx / "CURRENT").exists():
+        if idx.exists() and live_generation(idx) is not None:
             assert_consistent(idx)
     final = subprocess.run(args, env=ENV, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
@@ -106,7 +108,7 @@ def _crash_trial(tmp_path, tiny_model, trials: int, seed: int) -> None:
     a = run("search", str(idx), q, "-k", "10", "--json").stdout
     b = run("search", str(clean), q, "-k", "10", "--json").stdout
     assert json.loads(a) == json.loads(b)
-    assert not list(idx.glob("snap-*.tmp")) and len(list(idx.glob("snap-*"))) <= 2
+    assert not list(idx.glob("seg-*.tmp"))  # a killed commit's unfinished segment is removed by the next writer
 
 
 def test_sigkill_then_resume_matches_a_clean_run(tmp_path, tiny_model):

@@ -7,7 +7,6 @@ import os
 import shutil
 import sqlite3
 
-import faiss
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,8 +15,9 @@ from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import IndexBusy, ModelMismatch
 from indexer.reader import load_query
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import Snapshot, Writer
+from indexer.store import Snapshot, Writer, index_ids, live_generation
 from indexer.testing import save_random_model
+from indexer.verify import verify
 from search import Engine
 
 CFG = IndexConfig(batch_size=8, workers=1, progress=False)
@@ -34,9 +34,9 @@ def assert_consistent(idx) -> None:
     db = snap.catalog()
     indexed = sorted(i for (i,) in db.execute("SELECT id FROM photos WHERE status='indexed'"))
     g, p = snap.global_index(), snap.patch_index()
-    gids = np.sort(faiss.vector_to_array(g.id_map))
+    gids = index_ids(g)  # the live ones: a segment's tombstoned vectors are not counted
     assert gids.tolist() == indexed
-    pids = faiss.vector_to_array(p.id_map)
+    pids = index_ids(p)
     grid2 = snap.manifest.grid**2
     assert len(pids) == len(set(pids.tolist())) == grid2 * len(indexed)
     assert sorted(set((pids // grid2).tolist())) == indexed
@@ -120,7 +120,7 @@ def test_rerun_adds_changes_touches_and_deletes(photos, embedder, tmp_path):
     engine = Engine(idx, embedder=embedder)
     assert engine.similar(str(files[3]), k=2)[1].path in (str(changed), str(files[3]))
     assert index_folder(photos, idx, embedder, CFG).indexed == 0  # nothing left to do
-    assert len(os.listdir(idx)) <= 5  # CURRENT, lock, at most two snapshots
+    assert sorted(p.name for p in idx.glob("seg-*")) == ["seg-000001", "seg-000002"]  # a commit wrote only what changed
 
 
 def test_bad_files_are_recorded_and_the_run_goes_on(photos, embedder, tmp_path):
@@ -202,34 +202,50 @@ def test_catalog_is_plain_sqlite(photos, embedder, tmp_path):
     assert n == 48 and w > 0
 
 
-def test_index_kinds_follow_the_collection_size(photos, embedder, tmp_path, monkeypatch):
-    """Crossing a size threshold rebuilds the index as the next kind, trained on everything so far."""
+def test_compaction_merges_segments_and_kinds_follow_the_collection_size(photos, embedder, tmp_path, monkeypatch):
+    """Every run commits one small exact segment; compaction merges them into one sealed segment per kind, its kind
+    (and IVF list count) chosen by the merged size, leaving tombstoned vectors behind; answers stay the same."""
     import indexer.store as store
+    from indexer.compact import compact
 
     monkeypatch.setattr(store, "PATCH_SQ8_MAX", 16 * 256)
     monkeypatch.setattr(store, "PATCH_IVF_SQ8_MAX", 32 * 256)
     monkeypatch.setattr(store, "GLOBAL_FLAT_MAX", 30)
     idx = tmp_path / "idx"
     files = sorted(photos.rglob("*.jpg"))
+    first = files[0]
     hidden = tmp_path / "hidden"
     hidden.mkdir()
     for f in files[12:]:
         f.rename(hidden / f.name)
     index_folder(photos, idx, embedder, CFG)  # 12 photos
     assert Snapshot.open(idx).manifest.patch_kind == "SQ8"
+    assert compact(idx).seg is None  # one clean segment: nothing to merge
     for f in list(hidden.iterdir())[:12]:
         f.rename(photos / f.name)
-    index_folder(photos, idx, embedder, CFG)  # 24 photos
-    assert Snapshot.open(idx).manifest.patch_kind.endswith(",SQ8")
+    index_folder(photos, idx, embedder, CFG)  # 24 photos, two segments
+    r = compact(idx)
+    assert r.inputs == [1, 2] and r.kinds["patches"].endswith(",SQ8") and r.kinds["global"] == "Flat"
+    assert Snapshot.open(idx).manifest.patch_kind.endswith(",SQ8") and sorted(p.name for p in idx.glob("seg-*")) == [
+        "seg-000001", "seg-000002", "seg-000003"]  # the inputs stay one commit, for readers that opened it
+    assert_consistent_ivf(idx, 24)
     for f in hidden.iterdir():
         f.rename(photos / f.name)
-    index_folder(photos, idx, embedder, CFG)  # 48 photos
+    files = sorted(photos.rglob("*.jpg"))
+    first.unlink()  # a tombstone in the sealed segment
+    index_folder(photos, idx, embedder, CFG)  # 47 photos
+    before = Engine(idx, embedder=embedder).similar(str(files[20]), k=10)
+    r = compact(idx)
+    assert r.dropped["global"] == 1 and r.vectors["global"] == 47
     m = Snapshot.open(idx).manifest
-    assert m.patch_kind.startswith("IVF") and m.patch_kind.endswith(",PQ4") and m.global_kind.startswith("IVF")
-    assert_consistent_ivf(idx, 48)
+    assert [s["seg"] for s in m.segments] == [r.seg]
+    assert m.patch_kind.startswith("IVF") and m.patch_kind.endswith(",PQ4") and m.global_kind.startswith("HNSW")
+    assert_consistent_ivf(idx, 47)
+    assert verify(idx).ok
     engine = Engine(idx, embedder=embedder)
-    q = sorted(photos.rglob("*.jpg"))[20]
-    assert engine.similar(str(q), k=1)[0].path == str(q)
+    q = files[20]
+    after = engine.similar(str(q), k=10)
+    assert after[0].path == str(q) and [h.photo_id for h in after[:5]] == [h.photo_id for h in before[:5]]
     w, h = Image.open(q).size
     hits = engine.region(str(q), k=3, box=(w / 4, h / 4, 3 * w / 4, 3 * h / 4))  # PQ4 codes (d=32): 4 bytes a patch
     assert str(q) in [hit.path for hit in hits]
@@ -239,7 +255,7 @@ def assert_consistent_ivf(idx, n: int) -> None:
     from indexer.store import index_ids
 
     snap = Snapshot.open(idx)
-    g, p = index_ids(snap.global_index()), index_ids(snap.patch_index())
+    g, p = index_ids(snap.global_index()), index_ids(snap.patch_index())  # live ids over all segments
     assert len(g) == len(set(g.tolist())) == n
     assert len(p) == len(set(p.tolist())) == n * 256 and set((p // 256).tolist()) == set(g.tolist())
 
@@ -250,7 +266,7 @@ def test_an_untrainable_forced_kind_is_a_clear_error_and_loses_nothing(photos, e
     idx = tmp_path / "idx"
     with pytest.raises(ConfigError, match="cannot train index kind 'IVF4096,Flat' on 48 vectors"):
         index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False, global_kind="IVF4096,Flat"))
-    assert not (idx / "CURRENT").exists() and not list(idx.glob("snap-*"))
+    assert live_generation(idx) is None and not list(idx.glob("seg-*"))
 
 
 def test_moved_and_renamed_photos_keep_their_ids_and_vectors(photos, embedder, tmp_path):

@@ -20,7 +20,7 @@ from test_cli import ENV, run
 from indexer.errors import ConfigError
 from indexer.objects import NEUTRAL, Mask, Segmenter, SegmenterConfig, box_nms, crop_object, mask_box, rle_decode, rle_encode
 from indexer.runner import IndexConfig, index_folder, store_objects
-from indexer.store import MAX_OBJECTS, Manifest, Snapshot, Writer, index_ids
+from indexer.store import MAX_OBJECTS, Manifest, Snapshot, Writer, index_ids, live_generation
 from indexer.testing import save_random_sam
 from indexer.verify import verify
 from search import Engine
@@ -350,7 +350,7 @@ def test_cli_objects_point_box_and_a_killed_run_resumes(tmp_path, tiny_model, sa
             "-q", "--batch-size", "2", "--commit-every", "2", "--workers", "0", *sam]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (idx / "CURRENT").exists():
+    while time.monotonic() < deadline and live_generation(idx) is None:
         time.sleep(0.2)
     time.sleep(1.0)
     if proc.poll() is None:

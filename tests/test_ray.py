@@ -19,7 +19,7 @@ from test_cli import ENV, run
 from test_index import catalog_rows
 
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import Snapshot
+from indexer.store import Snapshot, live_generation
 from indexer.vectors import open_store
 from indexer.verify import verify
 
@@ -82,7 +82,7 @@ def test_killed_ray_run_resumed_equals_a_clean_run_with_milvus(photos, embedder,
     proc = subprocess.Popen(args, env=ENV | {k: os.environ[k] for k in ("RAY_TMPDIR", "RAY_AUTH_MODE")}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while not (idx / "CURRENT").exists() and proc.poll() is None:
+    while live_generation(idx) is None and proc.poll() is None:
         assert time.time() < deadline, "no commit in 300 s"
         time.sleep(0.05)
     time.sleep(1.0)  # into the next commit's photos: embedded and sent to Milvus, not committed

@@ -100,13 +100,19 @@ def test_hostile_uploads_get_4xx_and_the_server_stays_up(hostile, embedder, tmp_
             assert client.get("/health").status_code == 200
 
 
-def test_verify_names_a_truncated_or_altered_file_and_repair_falls_back(photos, embedder, tmp_path):
+def test_verify_names_a_truncated_or_altered_file_and_repair_drops_its_segment(photos, embedder, tmp_path):
     idx = tmp_path / "idx"
+    later = sorted(photos.rglob("*.jpg"))[-5:]
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for f in later:
+        f.rename(hidden / f.name)
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
-    first = Snapshot.open(idx).path.name
     sorted(photos.rglob("*.jpg"))[0].unlink()
-    index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
-    live = Snapshot.open(idx).path
+    for f in later:
+        (hidden / f.name).rename(f)
+    index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))  # a second segment: the 5 photos
+    live = idx / "seg-000002"
     p = cli("verify", str(idx))
     assert p.returncode == 0 and p.stdout.startswith("ok:")
 
@@ -125,12 +131,16 @@ def test_verify_names_a_truncated_or_altered_file_and_repair_falls_back(photos, 
     g.write_bytes(bytes(raw))
     assert any("global.faiss differs from what was committed" in x for x in verify(idx).problems)
 
-    (idx / "snap-999999.tmp").mkdir()
+    (idx / "seg-999999.tmp").mkdir()
     p = cli("verify", str(idx), "--repair", "--json")
     r = json.loads(p.stdout)
-    assert p.returncode == 0 and r["ok"] and r["snapshot"] == first
-    assert any("snap-999999.tmp" in x for x in r["repaired"]) and any("switched back" in x for x in r["repaired"])
-    assert cli("search", str(idx), "1", "--id", "-k", "3").returncode == 0
+    assert p.returncode == 0 and r["ok"], r
+    assert any("seg-999999.tmp" in x for x in r["repaired"]) and any("dropped damaged segment(s) seg-000002: 5 photos" in x
+                                                                      for x in r["repaired"])
+    assert r["counts"]["photos_indexed"] == 42 and not (idx / "seg-999999.tmp").exists()
+    assert cli("search", str(idx), "2", "--id", "-k", "3").returncode == 0
+    assert index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False)).indexed == 5  # embedded again
+    assert verify(idx).ok
 
 
 def test_disk_full_leaves_the_last_snapshot_intact(photos, tiny_model, tmp_path):
@@ -141,7 +151,7 @@ def test_disk_full_leaves_the_last_snapshot_intact(photos, tiny_model, tmp_path)
     for f in files[:10]:
         shutil.copy(f, half / f.name)
     assert cli("index", str(half), "--index", str(idx), "--model", str(tiny_model), "-q").returncode == 0
-    before = Snapshot.open(idx).path.name
+    before = Snapshot.open(idx).name
     for f in files[10:]:
         shutil.copy(f, half / f.name)
 
@@ -153,7 +163,7 @@ def test_disk_full_leaves_the_last_snapshot_intact(photos, tiny_model, tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     line = p.stderr.strip().splitlines()[-1]
     assert "could not write a new snapshot" in line and f"({before}) is intact" in line
-    assert Snapshot.open(idx).path.name == before and verify(idx).ok
+    assert Snapshot.open(idx).name == before and verify(idx).ok
     assert not list(idx.glob("*.tmp"))
     assert cli("search", str(idx), "1", "--id").returncode == 0
     p = cli("index", str(half), "--index", str(idx), "-q")  # resumes once there is room
@@ -205,10 +215,10 @@ def test_server_killed_during_an_index_job_resumes_cleanly(tiny_model, tmp_path)
         time.sleep(0.05)
     server.send_signal(signal.SIGKILL)
     server.wait()
-    # the committed part is whole; a kill that lands inside a commit leaves its snap-N.tmp, which verify names
+    # the committed part is whole; a kill that lands inside a commit leaves its seg-N(.tmp), which verify names
     # (and --repair or the next writer removes), and nothing else
     r = verify(idx)
-    assert all(p.startswith("unfinished snapshot(s)") for p in r.problems), r.problems
+    assert all(p.startswith("unfinished segment(s)") for p in r.problems), r.problems
     assert r.counts["photos_indexed"] == r.counts["global.faiss"] and 0 < len(catalog_rows(idx)) < len(catalog_rows(clean))
     port = free_port()
     server = serve(port)

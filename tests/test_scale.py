@@ -74,20 +74,21 @@ def test_build_index_command_keeps_results_and_later_runs_still_work(photos, tin
     region_before = json.loads(run("search", str(idx), query, "--box", "20,20,200,150", "-k", "5", "--json").stdout)
     out = run("build-index", str(idx), "--kind", "IVF16,Flat", "--patch-kind", "IVF64,SQ8", "--shards", "3").stdout
     assert "global: 48 vectors -> IVF16,Flat" in out and "patches: 12288 vectors -> IVF64,SQ8" in out and "merged on disk" in out
-    snap = Snapshot.open(idx)
-    assert (snap.path / "global.ivfdata").is_file() and (snap.path / "patches.ivfdata").is_file()
-    assert on_disk_lists(snap.global_index()) is not None
+    seg = idx / "seg-000002"  # everything compacted into one sealed segment
+    assert [s["seg"] for s in Snapshot.open(idx).manifest.segments] == [2]
+    assert (seg / "global.ivfdata").is_file() and (seg / "patches.ivfdata").is_file()
+    assert on_disk_lists(Snapshot.open(idx).global_index().parts[0].index) is not None
     assert verify(idx).ok
     after = json.loads(run("search", str(idx), query, "-k", "5", "--json", "--nprobe", "16").stdout)
     assert [h["id"] for h in after] == [h["id"] for h in before]
     region_after = json.loads(run("search", str(idx), query, "--box", "20,20,200,150", "-k", "5", "--json", "--nprobe", "64").stdout)
     assert [h["id"] for h in region_after][:3] == [h["id"] for h in region_before][:3]
-    # an incremental run afterwards: lists copied into memory, the built snapshot's files untouched
-    built = (snap.path / "global.ivfdata").read_bytes()
+    # an incremental run afterwards: a new small segment beside it, the built segment's files untouched
+    built = (seg / "global.ivfdata").read_bytes()
     extra = photos / "new.jpg"
     shutil.copy(sample_photos(3)[-1], extra)
     assert "1 indexed" in run("index", str(photos), "--index", str(idx), "-q").stdout
-    assert (snap.path / "global.ivfdata").read_bytes() == built
+    assert (seg / "global.ivfdata").read_bytes() == built
     assert verify(idx).ok and json.loads(run("info", str(idx), "--json").stdout)["global_vectors"] == 49
     # the index directory can move
     moved = tmp_path / "moved"

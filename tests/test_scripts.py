@@ -43,3 +43,8 @@ def test_bench_filters_names_the_engines_plan_and_is_exact_where_it_scans(tmp_pa
     assert set(rows) == {"50.0%", "5.0%", "1.0%", "0.1%"}, out
     assert rows["50.0%"][0] == "ivf" and rows["0.1%"] == ("scan", 1.0)  # 10 photos pass: scored exactly
 
+def test_bench_write_prints_commit_cost_per_size(tmp_path):
+    out = script("bench_write.py", "--sizes", "20,60", "--dim", "16", "--grid", "2", "--batch", "2", "--repeat", "1",
+                 "--fill-commit", "20", "--work", str(tmp_path)).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("this")]
+    assert [int(r[1]) for r in rows] == [20, 60] and float(rows[0][3]) == 1.0 and all(float(r[4]) > 0 for r in rows)

@@ -17,6 +17,7 @@ from test_cli import ENV
 from test_index import assert_consistent, catalog_rows
 
 from indexer.runner import IndexConfig, index_folder
+from indexer.store import live_generation
 from indexer.watch import SIMULATE_LIMIT_ENV, WatchConfig, watch_folder
 
 CFG = IndexConfig(batch_size=4, workers=0, progress=False)
@@ -33,7 +34,7 @@ def folder(tmp_path):
 
 
 def paths(idx) -> dict[str, int]:
-    return {os.fsdecode(r[1]): r[0] for r in catalog_rows(idx) if r[2] == "indexed"} if (idx / "CURRENT").exists() else {}
+    return {os.fsdecode(r[1]): r[0] for r in catalog_rows(idx) if r[2] == "indexed"} if live_generation(idx) is not None else {}
 
 
 def until(cond, what: str, timeout: float = 120) -> None:
