@@ -591,6 +591,20 @@ def _convert_format1(root: Path, snap: Path) -> None:
     log.warning("converted %s in place from whole snapshots (format 1) to segments (format 2); nothing re-embedded", root)
 
 
+def _create_catalog(root: Path) -> None:
+    """A new, empty catalog, made beside its name and renamed into place: a reader polling a new index sees either
+    no catalog or one with every table (never a file whose schema is still being written)."""
+    tmp = root / (CATALOG_FILE + ".tmp")
+    tmp.unlink(missing_ok=True)
+    db = sqlite3.connect(tmp)
+    db.execute("PRAGMA journal_mode=WAL")  # kept in the file's header
+    db.executescript(SCHEMA)
+    db.close()  # checkpoints and removes its WAL
+    _fsync_file(tmp)
+    os.replace(tmp, root / CATALOG_FILE)
+    _fsync_dir(root)
+
+
 class Writer:
     """The single writer of an index directory: new vectors in memory until a commit writes them as a segment;
     the catalog is changed in place inside one open transaction, committed with the new manifest."""
@@ -626,6 +640,8 @@ class Writer:
             if old is not None:
                 _convert_format1(self.root, old)
             fresh = not (self.root / CATALOG_FILE).exists()
+            if fresh:
+                _create_catalog(self.root)
             self.db = sqlite3.connect(self.root / CATALOG_FILE, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")  # a commit is durable when it returns

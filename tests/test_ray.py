@@ -130,7 +130,7 @@ def test_verify_finds_and_repair_removes_store_vectors_without_a_catalog_row(pho
     assert "holds global vectors of 1 photos" in text and "holds patches vectors of 1 photos" in text
     assert "no global vectors for 1 indexed photos, e.g. [3]" in text and "--repair removes them" in text
     report = verify(idx, repair=True)
-    assert report.snapshot == Snapshot.open(idx).path.name  # the store's faults never switch the snapshot back
+    assert report.snapshot == Snapshot.open(idx).name  # the store's faults never switch the snapshot back
     assert any("removed the patches vectors of 1 photos" in r for r in report.repaired)
     assert open_store(uri, embedder.dim).photo_ids("patches").tolist() == list(range(1, 9))
     # the next indexing run removes what lies at or above the committed next_id (never committed by anyone)
