@@ -156,7 +156,8 @@ class Engine:
     def _load(self, snap: Snapshot) -> None:
         self._patch_index = None
         self._object_index = None
-        self._columns: Columns | None = None  # this commit's filterable fields, read on the first filter
+        self._columns: tuple[sqlite3.Connection, Columns] | None = None  # this commit's filterable fields (and the
+        # catalog they were read from), read on the first filter
         old = getattr(self, "snapshot", None)
         self.snapshot = snap
         self.manifest = snap.manifest
@@ -220,13 +221,14 @@ class Engine:
     def columns(self) -> Columns:
         """The catalog's filterable fields as numpy columns, read once per commit (this engine's read transaction
         keeps them true until refresh())."""
-        cols = self._columns
-        if cols is None:
+        cached = self._columns
+        if cached is None or cached[0] is not self.db:
             with self._columns_lock:
-                if self._columns is None:
-                    self._columns = Columns.read(self.db)
-                cols = self._columns
-        return cols
+                db = self.db
+                cached = self._columns
+                if cached is None or cached[0] is not db:  # never another commit's, even if refresh() ran meanwhile
+                    cached = self._columns = (db, Columns.read(db))
+        return cached[1]
 
     @property
     def object_index(self) -> faiss.Index:

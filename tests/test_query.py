@@ -336,3 +336,8 @@ def test_filter_columns_select_what_the_catalogs_sql_selects_and_search_inside_t
             hits = engine.search(SearchQuery((Example(q),), filters=f, k=10)).hits
             assert [h.photo_id for h in hits] == passing[np.argsort(-s, kind="stable")[:10]].tolist(), f
     assert min(sizes) == 0 and max(sizes) > len(everyone) // 2 and any(0 < n < 5 for n in sizes)  # batch and bitmap both ran
+    leica = engine.filter_ids(Filters(camera="leica"))
+    with Writer(idx, None) as w:  # a new commit: refresh() reads the columns of the catalog as it now is
+        w.set_meta(int(leica[0]), "/p/0.jpg", PhotoMeta(make="Canon"))
+        w.commit()
+    assert engine.refresh() and engine.filter_ids(Filters(camera="leica")).tolist() == leica[1:].tolist()
