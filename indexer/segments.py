@@ -14,14 +14,21 @@ import faiss
 import numpy as np
 
 HNSW_EF_SEARCH = 128  # candidates an HNSW segment's search keeps (recall against speed: scripts/bench_search.py)
+BITMAP_SHARE = 64  # a restriction to ids of one vector per photo (global) naming at least 1/64 of the id range is
+# a bitmap over the range (a few numpy passes) rather than a hash set of the ids (built per id, per query)
 
 
 def only_ids(index: faiss.Index, ids: np.ndarray | None = None, *, exclude: np.ndarray | None = None,
-             nprobe: int | None = None) -> faiss.SearchParameters | None:
-    """Search parameters that restrict ``index`` to ``ids`` and/or keep ``exclude`` out (an IVF index takes its own
-    parameter type, which must carry its nprobe: SearchParametersIVF's default of 1 would replace the index's)."""
+             nprobe: int | None = None, bitmap: np.ndarray | None = None) -> faiss.SearchParameters | None:
+    """Search parameters that restrict ``index`` to ``ids`` (or to the ids set in ``bitmap``: bit i of byte i >> 3
+    for id i, least significant first, as np.packbits(..., bitorder="little") makes it) and/or keep ``exclude`` out
+    (an IVF index takes its own parameter type, which must carry its nprobe: SearchParametersIVF's default of 1
+    would replace the index's)."""
     sel = None
-    if ids is not None:
+    if bitmap is not None:
+        sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        sel.keep_bitmap = bitmap  # FAISS reads the array in place
+    elif ids is not None:
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(ids, np.int64))
     elif exclude is not None and len(exclude):
         inner = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, np.int64))
@@ -88,17 +95,27 @@ class SegmentedIndex:
     def search(self, xq: np.ndarray, k: int, *, ids: np.ndarray | None = None,
                nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product over the live vectors (``ids``: only these), each segment searched with its
-        tombstones masked, the results merged (faiss.ResultHeap)."""
+        tombstones masked, the results merged (faiss.ResultHeap). ``ids`` become a FAISS selector per segment: those
+        of them live there, as an IDSelectorBitmap when they are many of a per-photo kind (see BITMAP_SHARE), else
+        an IDSelectorBatch."""
         xq = np.ascontiguousarray(xq, np.float32)
         heap = faiss.ResultHeap(len(xq), k, keep_max=True)
-        segs = self._segment_of(ids) if ids is not None else None
+        wide = ids is not None and self.per_photo == 1 and len(ids) * BITMAP_SHARE >= len(self.where)
+        if wide:  # one bool per photo id: a segment's restriction is the photos that pass AND live in it
+            ids = np.asarray(ids, np.int64)
+            passing = np.zeros(len(self.where), bool)
+            passing[ids[(ids >= 0) & (ids < len(passing))]] = True
+        elif ids is not None:
+            segs = self._segment_of(ids)
         for p in self.parts:
-            if ids is not None:
+            if wide:
+                mine = passing & (self.where == p.seg)
+                n = int(np.count_nonzero(mine))
+                params = only_ids(p.index, nprobe=nprobe, bitmap=np.packbits(mine, bitorder="little")) if n else None
+            elif ids is not None:
                 mine = np.asarray(ids, np.int64)[segs == p.seg]
-                if not len(mine):
-                    continue
-                params = only_ids(p.index, mine, nprobe=nprobe)
                 n = len(mine)
+                params = only_ids(p.index, mine, nprobe=nprobe) if n else None
             else:
                 params = only_ids(p.index, exclude=p.dead, nprobe=nprobe)
                 n = len(p.ids) - len(p.dead)

@@ -25,6 +25,7 @@ from indexer.objects import Mask, Segmenter, SegmenterConfig, crop_object
 from indexer.reader import DEFAULT_MAX_PIXELS, decode_both, load_query, read_file
 from indexer.segments import only_ids  # noqa: F401  (re-exported: searches restricted to ids)
 from indexer.store import MAX_OBJECTS, Snapshot, live_generation
+from search.columns import Columns
 from search.query import BadQuery, Example, Filters, SearchQuery, great_circle_km
 from search.region import BadRegion, box_to_mask, late_interaction, localize, pixel_mask_to_grid
 
@@ -128,6 +129,15 @@ class EngineConfig:
 
 
 Query = str | os.PathLike | bytes | int
+Allowed = np.ndarray | set[int] | None  # photos a search may return: sorted unique int64 ids (as filter_ids gives
+# them) or any collection of ids; None: every photo
+
+
+def as_ids(allowed: Allowed) -> np.ndarray | None:
+    """An allowed set as sorted unique int64 ids (an array is taken to be so already: filter_ids' are)."""
+    if allowed is None or isinstance(allowed, np.ndarray):
+        return None if allowed is None else np.asarray(allowed, np.int64)
+    return np.array(sorted({int(i) for i in allowed}), np.int64)
 
 
 class Engine:
@@ -139,12 +149,15 @@ class Engine:
         self._embedder = embedder
         self._segmenter: Segmenter | None = None
         self._lock = threading.Lock()
+        self._columns_lock = threading.Lock()
         self.vectors = None
         self._load(Snapshot.open(self.root))
 
     def _load(self, snap: Snapshot) -> None:
         self._patch_index = None
         self._object_index = None
+        self._columns: tuple[sqlite3.Connection, Columns] | None = None  # this commit's filterable fields (and the
+        # catalog they were read from), read on the first filter
         old = getattr(self, "snapshot", None)
         self.snapshot = snap
         self.manifest = snap.manifest
@@ -205,6 +218,19 @@ class Engine:
             return load()
 
     @property
+    def columns(self) -> Columns:
+        """The catalog's filterable fields as numpy columns, read once per commit (this engine's read transaction
+        keeps them true until refresh())."""
+        cached = self._columns
+        if cached is None or cached[0] is not self.db:
+            with self._columns_lock:
+                db = self.db
+                cached = self._columns
+                if cached is None or cached[0] is not db:  # never another commit's, even if refresh() ran meanwhile
+                    cached = self._columns = (db, Columns.read(db))
+        return cached[1]
+
+    @property
     def object_index(self) -> faiss.Index:
         """SAM objects' vectors, loaded on first use."""
         if self._object_index is None:
@@ -256,13 +282,13 @@ class Engine:
         """Most frequent top-1 tags: (label, photos)."""
         return self._catalog_query("SELECT label, count(*) AS n FROM labels WHERE rank = 0 GROUP BY label ORDER BY n DESC, label LIMIT ?", [limit])
 
-    def _allowed(self, allowed: set[int] | None, label: str | None) -> set[int] | None:
+    def _allowed(self, allowed: Allowed, label: str | None) -> np.ndarray | None:
+        """``allowed`` as sorted ids, narrowed to the photos tagged ``label`` (UnknownLabel if none is)."""
+        ids = as_ids(allowed)
         if label is None:
-            return allowed
-        tagged = self.photos_with_label(label)
-        if not tagged:
-            self._unknown_label(label)
-        return tagged if allowed is None else tagged & allowed
+            return ids
+        tagged = self._passing(Filters(label=label))
+        return tagged if ids is None else np.intersect1d(tagged, ids)
 
     def _unknown_label(self, label: str) -> None:
         """Raise UnknownLabel for a label no photo carries, naming the tags near it."""
@@ -280,15 +306,10 @@ class Engine:
     def _filter_sql(self, f: Filters) -> tuple[str, list]:
         """WHERE clause over photos p LEFT JOIN meta m for every filter but the distance (checked in numpy)."""
         conds, args = ["p.status = 'indexed'"], []
+        self._check_filters(f)
         if f.label:
-            if not self.photos_with_label(f.label):
-                self._unknown_label(f.label)
             conds.append("p.id IN (SELECT photo_id FROM labels WHERE label = ? COLLATE NOCASE)")
             args.append(f.label)
-        meta = any(v not in (None, "") for v in (f.taken_after, f.taken_before, f.camera, f.near, f.folder))
-        if meta and not self._catalog_query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'", []):
-            raise BadQuery(f"{self.root} was indexed before photo metadata existed: run `dinosearch index FOLDER "
-                           f"--index {self.root}` once (it reads each photo's header, no re-embedding)")
         if f.taken_after:
             conds.append("m.taken >= ?")
             args.append(f.taken_after)
@@ -296,7 +317,8 @@ class Engine:
             conds.append("m.taken < ?")
             args.append(f.taken_before)
         if f.camera:
-            conds.append("instr(lower(coalesce(m.make, '') || ' ' || coalesce(m.model, '')), lower(?)) > 0")
+            conds.append("coalesce(m.make, m.model) IS NOT NULL AND "  # without a camera, never (not even for " ")
+                         "instr(lower(coalesce(m.make, '') || ' ' || coalesce(m.model, '')), lower(?)) > 0")
             args.append(f.camera)
         if f.folder:
             top = os.fsencode(os.path.abspath(os.path.expanduser(f.folder))).rstrip(b"/") or b"/"
@@ -310,6 +332,21 @@ class Engine:
             args += [lat - band, lat + band]
         return " AND ".join(conds), args
 
+    def _check_filters(self, f: Filters) -> None:
+        """UnknownLabel for a label no photo carries; BadQuery for a metadata filter on a catalog without metadata."""
+        cols = self.columns
+        if f.label and not len(cols.label_codes(f.label)):
+            self._unknown_label(f.label)
+        meta = any(v not in (None, "") for v in (f.taken_after, f.taken_before, f.camera, f.near, f.folder))
+        if meta and not cols.meta:
+            raise BadQuery(f"{self.root} was indexed before photo metadata existed: run `dinosearch index FOLDER "
+                           f"--index {self.root}` once (it reads each photo's header, no re-embedding)")
+
+    def _passing(self, f: Filters) -> np.ndarray:
+        """The indexed photos ``f`` lets through, as sorted ids (numpy over this commit's columns)."""
+        self._check_filters(f)
+        return np.flatnonzero(self.columns.mask(f)).astype(np.int64)
+
     def _near(self, rows: list[tuple], f: Filters, lat_at: int, lon_at: int) -> list[tuple]:
         if not f.near or not rows:
             return rows
@@ -317,17 +354,12 @@ class Engine:
         d = great_circle_km(np.array([r[lat_at] for r in rows], float), np.array([r[lon_at] for r in rows], float), lat, lon)
         return [r for r, ok in zip(rows, d <= km) if ok]
 
-    def filter_ids(self, f: Filters) -> set[int] | None:
-        """The indexed photos ``f`` lets through, or None when it filters nothing (every photo)."""
+    def filter_ids(self, f: Filters) -> np.ndarray | None:
+        """The indexed photos ``f`` lets through as sorted int64 ids, or None when it filters nothing (every photo).
+        Evaluated in numpy over the commit's columns (see search/columns.py), the same rows browse's SQL selects."""
         if not f.active:
             return None
-        where, args = self._filter_sql(f)
-        # a metadata filter reads meta first (CROSS JOIN fixes that order: SQLite would otherwise walk every indexed
-        # photo through photos_status, ~8x slower for a narrow date range), so its date index does the narrowing
-        rows = self.db.execute(f"SELECT p.id, m.lat, m.lon FROM meta m CROSS JOIN photos p ON p.id = m.photo_id WHERE {where}",
-                               args).fetchall() if "m." in where else self.db.execute(
-            f"SELECT p.id, NULL, NULL FROM photos p WHERE {where}", args).fetchall()
-        ids = {r[0] for r in self._near(rows, f, 1, 2)}
+        ids = self._passing(f)
         return None if len(ids) >= len(self) else ids  # every photo passes: no selector to build and check
 
     def browse(self, f: Filters = Filters(), *, sort: str = "taken", order: str = "asc", offset: int = 0,
@@ -484,22 +516,23 @@ class Engine:
         return QueryObject(v, m, (int(bx[0] / sx), int(bx[1] / sy), int(np.ceil(bx[2] / sx)), int(np.ceil(bx[3] / sy))), (w, h))
 
     def objects(self, query: Query, k: int = 10, *, point: tuple[float, float] | None = None,
-                box: tuple[float, float, float, float] | None = None, allowed: set[int] | None = None,
+                box: tuple[float, float, float, float] | None = None, allowed: Allowed = None,
                 label: str | None = None) -> list[Hit]:
         """Photos holding an object like the query's (see query_object), one hit per photo with its best object."""
         qo = self.query_object(query, point=point, box=box)
         return self.objects_by_vector(qo.vector, k, allowed=self._allowed(allowed, label))
 
-    def objects_by_vector(self, v: np.ndarray, k: int = 10, *, allowed: set[int] | None = None) -> list[Hit]:
+    def objects_by_vector(self, v: np.ndarray, k: int = 10, *, allowed: Allowed = None) -> list[Hit]:
         """Object search for one vector [D]: each photo once, with its best-matching object's box and mask."""
         index = self.object_index
         n = int(index.ntotal)
-        if k <= 0 or n == 0 or (allowed is not None and not allowed):
+        allowed = as_ids(allowed)
+        if k <= 0 or n == 0 or (allowed is not None and not len(allowed)):
             return []
         xq = np.ascontiguousarray(np.asarray(v, np.float32)[None])
         only = None
         if allowed is not None:
-            lo = np.fromiter(allowed, np.int64) * MAX_OBJECTS
+            lo = allowed * MAX_OBJECTS
             only = (lo[:, None] + np.arange(MAX_OBJECTS)).ravel()
         kk = min(n, max(8 * k, 64))
         while True:  # widen until k distinct photos are found (a photo may hold many similar objects)
@@ -527,7 +560,7 @@ class Engine:
 
     def region(
         self, query: Query, k: int = 10, *, box: tuple[float, float, float, float] | None = None,
-        mask: np.ndarray | None = None, allowed: set[int] | None = None, candidates: int | None = None,
+        mask: np.ndarray | None = None, allowed: Allowed = None, candidates: int | None = None,
         patch_k: int = 64, label: str | None = None,
     ) -> list[Hit]:
         """Photos that contain a region of the query photo, each with where it matched.
@@ -553,7 +586,7 @@ class Engine:
                                       candidates=candidates, patch_k=patch_k)
 
     def region_by_vectors(
-        self, xq: np.ndarray, k: int = 10, *, qcells: np.ndarray | None = None, allowed: set[int] | None = None,
+        self, xq: np.ndarray, k: int = 10, *, qcells: np.ndarray | None = None, allowed: Allowed = None,
         candidates: int | None = None, patch_k: int = 64,
     ) -> list[Hit]:
         """Region search for query patch vectors xq [m, D] (L2-normalized); ``qcells`` their cells in the query grid."""
@@ -564,8 +597,9 @@ class Engine:
         if k <= 0 or n == 0:
             return []
         n_cand = min(n, candidates or max(3 * k, 32))
+        allowed = as_ids(allowed)
         if allowed is not None and len(allowed) <= n_cand:
-            cand = np.array(sorted(allowed), np.int64)  # few enough to score them all exactly
+            cand = allowed  # few enough to score them all exactly
         elif n_cand >= n:
             cand = np.array([i for (i,) in self.db.execute("SELECT id FROM photos WHERE status='indexed' ORDER BY id")], np.int64)
         else:
@@ -575,15 +609,14 @@ class Engine:
                 only = None
                 if allowed is not None:  # inside the search: every patch found belongs to a photo the filter passes
                     g2 = grid * grid
-                    pid = np.fromiter(allowed, np.int64)
-                    only = (pid[:, None] * g2 + np.arange(g2)).ravel()
+                    only = (allowed[:, None] * g2 + np.arange(g2)).ravel()
                 with self._lock:
                     D, I = self.patch_index.search(xq, min(patch_k, self.patch_index.ntotal), ids=only)
             valid = (I >= 0).ravel()
             qrow = np.repeat(np.arange(len(xq)), I.shape[1])[valid]
             photo, d = (I.ravel() // (grid * grid))[valid], D.ravel()[valid]
             if allowed is not None:
-                ok = np.isin(photo, np.fromiter(allowed, np.int64))
+                ok = np.isin(photo, allowed)
                 qrow, photo, d = qrow[ok], photo[ok], d[ok]
             order = np.argsort(-d, kind="stable")  # keep, per (query patch, photo), the best match
             qrow, photo, d = qrow[order], photo[order], d[order]
@@ -592,8 +625,8 @@ class Engine:
             approx = np.bincount(inv, weights=d[first])  # sum over query patches of their best match
             cand = uphoto[np.lexsort((uphoto, -approx))][:n_cand].astype(np.int64)
             if allowed is not None and len(cand) < min(k, len(allowed)):  # the probe missed photos the filter passes:
-                rest = np.setdiff1d(np.fromiter(allowed, np.int64), cand)  # scored exactly too, up to the candidate count
-                cand = np.concatenate([cand, np.sort(rest)[: n_cand - len(cand)]])
+                rest = np.setdiff1d(allowed, cand)  # scored exactly too (sorted), up to the candidate count
+                cand = np.concatenate([cand, rest[: n_cand - len(cand)]])
         if len(cand) == 0:
             return []
         xp = self.photo_patches(cand)
@@ -665,11 +698,11 @@ class Engine:
         out.sort(key=lambda c: -c.size)
         return out
 
-    def similar(self, query: Query, k: int = 10, *, allowed: set[int] | None = None, label: str | None = None) -> list[Hit]:
+    def similar(self, query: Query, k: int = 10, *, allowed: Allowed = None, label: str | None = None) -> list[Hit]:
         """Photos most like the query (cosine on CLS), best first; ``allowed`` / ``label`` restrict the candidates."""
         return self.similar_by_vector(self.embed_query(query), k, allowed=allowed, label=label)
 
-    def similar_by_vector(self, v: np.ndarray, k: int = 10, *, allowed: set[int] | None = None,
+    def similar_by_vector(self, v: np.ndarray, k: int = 10, *, allowed: Allowed = None,
                           label: str | None = None) -> list[Hit]:
         """Global search for one CLS vector [D]."""
         xq = np.ascontiguousarray(np.asarray(v, np.float32)[None])
@@ -683,7 +716,7 @@ class Engine:
             paths = self.path_of(ids.tolist())
             return [Hit(int(i), paths.get(int(i), "?"), float(s)) for i, s in zip(ids, scores)]
         allowed = self._allowed(allowed, label)
-        if allowed is not None and not allowed:
+        if allowed is not None and not len(allowed):
             return []
         plan = self.global_plan(allowed)
         exact = plan == "flat"
@@ -691,13 +724,12 @@ class Engine:
         if plan == "scan":
             ids, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
         else:
-            only = np.fromiter(allowed, np.int64) if allowed is not None else None
             with self._lock:
-                D, I = self.global_index.search(xq, kk, ids=only)
+                D, I = self.global_index.search(xq, kk, ids=allowed)
             ids = I[0][I[0] >= 0]
             scores = D[0][: len(ids)]
         if allowed is not None and len(ids) < min(k, len(allowed)):  # a scan, or an IVF probe missed photos that pass:
-            ids = np.array(sorted(allowed), np.int64)  # score every one of them exactly, so k that exist are returned
+            ids = allowed  # score every one of them exactly, so k that exist are returned
             scores = self.global_vectors(ids) @ xq[0]
             order = np.argsort(-scores, kind="stable")
             ids, scores = ids[order], scores[order]
@@ -712,7 +744,7 @@ class Engine:
 
     SCAN_MAX = 4096  # a filter passing at most this many photos has them scored exactly (see global_plan)
 
-    def global_plan(self, allowed: set[int] | None) -> str:
+    def global_plan(self, allowed: Allowed) -> str:
         """How a global search runs: "flat" (an exact index; a filter is a FAISS ID selector inside it), "ivf" (nprobe
         lists, then an exact re-rank; a filter is an ID selector inside the probe, and the photos that pass are scored
         exactly if the probe finds fewer than k), or "scan" (an IVF index and a filter that passes at most SCAN_MAX
@@ -755,7 +787,7 @@ class Engine:
         neg = [self._scorer(e) for e in q.unlike]
         qo = pos[0].query_object
         n = len(self)
-        if n == 0 or (allowed is not None and not allowed):
+        if n == 0 or (allowed is not None and not len(allowed)):
             return SearchResult("feedback", [], self.example_size(first), qo)
         kk = min(n, max(4 * q.k, 64))
         cand = np.unique(np.concatenate([sc.candidates(kk, allowed) for sc in pos]))
@@ -796,7 +828,7 @@ class Engine:
             return parts.labels == e.part, parts.size
         return e.mask, None
 
-    def _search_one(self, e: Example, k: int, allowed: set[int] | None) -> SearchResult:
+    def _search_one(self, e: Example, k: int, allowed: np.ndarray | None) -> SearchResult:
         if e.mode == "objects":
             qo = self.query_object(e.source, point=e.point, box=e.box)
             return SearchResult("objects", self.objects_by_vector(qo.vector, k, allowed=allowed), qo.size, qo)
@@ -872,7 +904,7 @@ class _Scorer:
     objects: bool = False  # ``vector`` is an object's: compared with the photos' stored objects
     query_object: QueryObject | None = None
 
-    def candidates(self, k: int, allowed: set[int] | None) -> np.ndarray:
+    def candidates(self, k: int, allowed: np.ndarray | None) -> np.ndarray:
         e = self.engine
         if self.objects:
             hits = e.objects_by_vector(self.vector, k, allowed=allowed)

@@ -270,3 +270,74 @@ def test_filters_return_k_on_ivf_kinds_whose_probe_misses(described, embedder, t
             for box in (None, (0, 0, 60, 60)):
                 r = ivf.search(SearchQuery((Example(str(f), box=box),), filters=Filters(camera="leica"), k=3))
                 assert set(names(r.hits)) == set(made[:3]), (f.name, box, names(r.hits))
+
+
+def test_filter_columns_select_what_the_catalogs_sql_selects_and_search_inside_them_is_exact(tmp_path):
+    """filter_ids (numpy over the commit's columns) and browse (SQL over the catalog) let the same photos through,
+    on a catalog with varied, missing and non-ASCII fields, failures, deletes and replacements (tombstones in an
+    older segment); the global search inside each filter equals brute force (a FAISS bitmap for the wide filters, an
+    id batch for the narrow ones)."""
+    from test_segments import add, manifest
+
+    from indexer.reader import PhotoMeta
+    from indexer.store import Writer
+
+    rng = np.random.default_rng(7)
+    makes = [None, "Canon", "LEICA", "Leica Camera AG", "NIKON CORPORATION", "Ünïcode"]
+    models = [None, "EOS R5", "M11", "Q2", "Z 6", "α7"]
+    folders = ["/p/trip", "/p/trip2", "/p/trip/day1", "/p", "/other/trip", ""]
+    tags = ["cat", "Dog", "boat", "tabby cat", "CAT", "kite"]
+    idx = tmp_path / "idx"
+    with Writer(idx, manifest()) as w:
+        ids = [w.allocate_id() for _ in range(300)]
+        vec = dict(zip(ids, add(w, ids, 0)))
+        for i in ids:
+            if rng.random() < 0.1:
+                continue  # no meta row at all
+            taken = None if rng.random() < 0.2 else f"20{rng.integers(10, 24)}-0{rng.integers(1, 10)}-1{rng.integers(0, 10)}T1{rng.integers(0, 10)}:00:00"
+            lat, lon = (None, None) if rng.random() < 0.25 else (48.85 + rng.normal(0, 0.2), 2.35 + rng.normal(0, 0.3))
+            if rng.random() < 0.05:
+                lat, lon = float(rng.uniform(-90, 90)), None  # half a position: never near anything
+            w.set_meta(i, f"{folders[rng.integers(len(folders))]}/{i}.jpg", PhotoMeta(
+                taken=taken, make=makes[rng.integers(len(makes))], model=models[rng.integers(len(models))], lat=lat, lon=lon))
+        tagged = [i for i in ids if rng.random() < 0.7]
+        w.set_labels(tagged, [[(t, 0.2) for t in rng.choice(tags, 5, replace=False)] for _ in tagged])
+        w.commit()
+    with Writer(idx, None) as w:
+        vec.update(zip(ids[:40], add(w, ids[:40], 1)))  # replaced: their first vectors are tombstones in segment 1
+        w.record_failure(ids[50], "/p/broken.jpg", 1, 1, None, "broken")
+        w.delete(ids[60:70])
+        w.commit()
+    engine = Engine(idx)
+    everyone = {p.photo_id for p in engine.browse(Filters(), limit=10**6)[1]}
+    assert len(everyone) == 289 and len(engine) == 289
+    d = ["2012-03-15T12:00:00", "2015-01-01T00:00:00", "2019-06-30", "2023-09-19T19:00:00"]
+    filters = [Filters(camera=c) for c in ("leica", "LEICA M", "canon eos", "α7", "ünï", "Ünï", "eos r5", " ", "nikon z")]
+    filters += [Filters(folder=f) for f in ("/p/trip", "/p/trip/", "/p", "/", "/other", "/p/tri")]
+    filters += [Filters(taken_after=parse_date(a)) for a in d] + [Filters(taken_before=parse_date(b)) for b in d]
+    filters += [Filters(taken_after=parse_date(d[0]), taken_before=parse_date(d[2])), Filters(taken_after=parse_date(d[3]))]
+    filters += [Filters(near=n) for n in ((48.85, 2.35, 10), (48.85, 2.35, 0), (0, 0, 20100), (-33.9, 151.2, 50))]
+    filters += [Filters(label=t) for t in ("cat", "CAT", "dog", "tabby cat", "kite")]
+    filters += [Filters(label="cat", camera="leica", folder="/p", taken_after=parse_date(d[1]), near=(48.85, 2.35, 30)),
+                Filters(label="boat", taken_before=parse_date(d[2])), Filters(camera="canon", near=(48.9, 2.4, 15))]
+    sizes = set()
+    for f in filters:
+        allowed = engine.filter_ids(f)
+        got = everyone if allowed is None else set(allowed.tolist())
+        assert allowed is None or list(allowed) == sorted(got)
+        total, page = engine.browse(f, limit=10**6)
+        assert got == {p.photo_id for p in page} and total == len(got), f
+        sizes.add(len(got))
+        if not got:
+            continue
+        passing = np.array(sorted(got))
+        for q in (ids[45], ids[200]):
+            s = np.array([vec[i] for i in passing]) @ vec[q]
+            hits = engine.search(SearchQuery((Example(q),), filters=f, k=10)).hits
+            assert [h.photo_id for h in hits] == passing[np.argsort(-s, kind="stable")[:10]].tolist(), f
+    assert min(sizes) == 0 and max(sizes) > len(everyone) // 2 and any(0 < n < 5 for n in sizes)  # batch and bitmap both ran
+    leica = engine.filter_ids(Filters(camera="leica"))
+    with Writer(idx, None) as w:  # a new commit: refresh() reads the columns of the catalog as it now is
+        w.set_meta(int(leica[0]), "/p/0.jpg", PhotoMeta(make="Canon"))
+        w.commit()
+    assert engine.refresh() and engine.filter_ids(Filters(camera="leica")).tolist() == leica[1:].tolist()
