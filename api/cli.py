@@ -176,6 +176,8 @@ def _report_run(stats, args: argparse.Namespace, idx: Path, classifier, segmente
         f"{stats.indexed} indexed{tagged}, {stats.moved} moved, {stats.touched} touched, {stats.unchanged} unchanged, {stats.deleted} deleted, "
         f"{stats.failed} failed, {stats.not_images} not images in {stats.seconds:.1f}s ({stats.photos_per_second:.1f} photos/s) -> {idx}"
     )
+    if stats.longest_pause:
+        print(f"  longest pause between two photos: {stats.longest_pause:.1f}s ({stats.pause_cause})")
     for path, reason in stats.failures[:20]:
         print(f"  skipped {shown(path)}: {reason}")
     if len(stats.failures) > 20:

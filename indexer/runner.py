@@ -85,6 +85,8 @@ class RunStats:
     objects: int = 0  # objects stored
     commits: int = 0
     seconds: float = 0.0
+    longest_pause: float = 0.0  # the longest time between two photos finishing (after the first), and what filled it:
+    pause_cause: str = ""  # "commit", "embedding" (a batch through the model), "decoding" (waiting for a photo), "other"
     stage_seconds: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
     failures: list[tuple[str, str]] = field(default_factory=list)
 
@@ -320,13 +322,30 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
             batch_rows.clear()
             batch_pixels.clear()
 
+        gap: dict[str, float] = collections.defaultdict(float)  # what the time since the last photo finished went to
+        last_tick = None
+
+        def tick() -> None:
+            """A photo finished (or the run did): the time since the previous one is a pause; keep the longest."""
+            nonlocal last_tick
+            now = time.perf_counter()
+            if last_tick is not None and now - last_tick > stats.longest_pause:
+                stats.longest_pause = now - last_tick
+                cause = max(gap, key=gap.get, default="other")
+                stats.pause_cause = cause if gap.get(cause, 0) >= 0.5 * stats.longest_pause else "other"
+            last_tick = now
+            gap.clear()
+
         def commit() -> None:
             nonlocal since_commit, last_commit
+            t = time.perf_counter()
             flush()
+            gap["embedding"] += time.perf_counter() - t
             t = time.perf_counter()
             if writer.commit() is not None:
                 stats.commits += 1
             stats.stage_seconds["commit"] += time.perf_counter() - t
+            gap["commit"] += time.perf_counter() - t
             since_commit, last_commit = 0, time.monotonic()
             if on_commit is not None:
                 on_commit(stats)
@@ -338,6 +357,7 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
             t = time.perf_counter()
             d = next(results, None)
             stats.stage_seconds["decode_wait" if done else "first_photo"] += time.perf_counter() - t
+            gap["decoding"] += time.perf_counter() - t
             if d is None:
                 break
             k = known.get(d.path)
@@ -368,9 +388,12 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
                 if segmenter is not None:
                     batch_large.append((photo_id, d.large, d.width, d.height))
                 if len(batch_rows) >= config.batch_size:
+                    t = time.perf_counter()
                     flush()
+                    gap["embedding"] += time.perf_counter() - t
             since_commit += 1
             done += 1
+            tick()
             bar.update(1)
             if on_progress is not None:
                 on_progress(done, len(todo))
@@ -381,5 +404,7 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
         bar.close()
         fill_meta(writer, root, stats)
         commit()
+        if done:
+            tick()  # the last batch and the final commit
     stats.seconds = time.perf_counter() - t0
     return stats

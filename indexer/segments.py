@@ -14,16 +14,18 @@ import faiss
 import numpy as np
 
 HNSW_EF_SEARCH = 128  # candidates an HNSW segment's search keeps (recall against speed: scripts/bench_search.py)
+HNSW_EF_MAX = 1024  # the most a filtered search raises it to (see SegmentedIndex.search)
+HNSW_SCAN_EQUIVALENT = 16_384  # photos scored exactly in the time of one filtered HNSW search (scripts/bench_filters.py)
 BITMAP_SHARE = 64  # a restriction to ids of one vector per photo (global) naming at least 1/64 of the id range is
 # a bitmap over the range (a few numpy passes) rather than a hash set of the ids (built per id, per query)
 
 
 def only_ids(index: faiss.Index, ids: np.ndarray | None = None, *, exclude: np.ndarray | None = None,
-             nprobe: int | None = None, bitmap: np.ndarray | None = None) -> faiss.SearchParameters | None:
+             nprobe: int | None = None, bitmap: np.ndarray | None = None, ef: int | None = None) -> faiss.SearchParameters | None:
     """Search parameters that restrict ``index`` to ``ids`` (or to the ids set in ``bitmap``: bit i of byte i >> 3
     for id i, least significant first, as np.packbits(..., bitorder="little") makes it) and/or keep ``exclude`` out
     (an IVF index takes its own parameter type, which must carry its nprobe: SearchParametersIVF's default of 1
-    would replace the index's)."""
+    would replace the index's; an HNSW one takes ``ef``, its efSearch for this search)."""
     sel = None
     if bitmap is not None:
         sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
@@ -39,6 +41,10 @@ def only_ids(index: faiss.Index, ids: np.ndarray | None = None, *, exclude: np.n
         if sel is None and nprobe is None:
             return None
         params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe or ivf.nprobe))
+        if sel is not None:
+            params.sel = sel
+    elif _hnsw(index) is not None and ef is not None:
+        params = faiss.SearchParametersHNSW(efSearch=ef)  # IndexIDMap2 hands it on, its selector translated
         if sel is not None:
             params.sel = sel
     elif sel is None:
@@ -57,6 +63,25 @@ class Part:
     index: faiss.Index
     ids: np.ndarray  # every vector id in the file, sorted
     dead: np.ndarray  # ids whose photo's live vectors are elsewhere (or gone), sorted
+    _rows: tuple[np.ndarray, np.ndarray] | None | bool = False  # (float32 storage, row of each id), None: coded
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """For float32 storage (Flat, HNSW over Flat): the index's own vectors [n, d] as a numpy view (no copy)
+        and the row of each id (an array by id, -1 where absent), made on first use; None for coded storage
+        (SQ, PQ) and IVF lists, which FAISS decodes. A gather in numpy reads a scan plan's thousands of
+        vectors ~10x faster than IndexIDMap2.reconstruct_batch's one virtual call and hash lookup per id."""
+        if self._rows is False:
+            self._rows = None
+            inner = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap2) else None
+            if isinstance(inner, faiss.IndexHNSW):
+                inner = faiss.downcast_index(inner.storage)
+            if isinstance(inner, faiss.IndexFlat) and inner.ntotal:
+                xb = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
+                id_map = faiss.vector_to_array(self.index.id_map)
+                row_of = np.full(int(id_map.max()) + 1, -1, np.int64)
+                row_of[id_map] = np.arange(len(id_map))
+                self._rows = (xb, row_of)
+        return self._rows
 
 
 class SegmentedIndex:
@@ -68,12 +93,14 @@ class SegmentedIndex:
         self.parts, self.d, self.per_photo, self.where = parts, d, per_photo, where
         self.ntotal = sum(len(p.ids) - len(p.dead) for p in parts)
         self.exact = all(_is_exact(p.index) for p in parts)
+        self.float_scores = all(_float_storage(p.index) for p in parts)  # scores are the stored vectors' own: no re-rank
+        self.hnsw = any(_hnsw(p.index) is not None for p in parts)
+        self._live: dict[int, np.ndarray] = {}  # per segment: the photos whose live vectors it holds (bool by photo id)
         for p in parts:
             ivf = faiss.try_extract_index_ivf(p.index)
             if ivf is not None:
                 ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct by (any) id
-            inner = faiss.downcast_index(p.index.index) if isinstance(p.index, faiss.IndexIDMap2) else None
-            if isinstance(inner, faiss.IndexHNSW):
+            if (inner := _hnsw(p.index)) is not None:
                 inner.hnsw.efSearch = HNSW_EF_SEARCH
 
     def set_nprobe(self, nprobe: int) -> None:
@@ -81,6 +108,19 @@ class SegmentedIndex:
             ivf = faiss.try_extract_index_ivf(p.index)
             if ivf is not None:
                 ivf.nprobe = min(ivf.nlist, nprobe)
+
+    def probe_reads(self) -> float:
+        """Vectors an approximate search reads per query: the IVF parts' probed share of their lists (at their
+        nprobe) and each HNSW part as HNSW_SCAN_EQUIVALENT (an exact part is read whole by any plan). A filter
+        passing fewer photos than this is as cheap to score exactly (Engine.global_plan)."""
+        reads = 0.0
+        for p in self.parts:
+            ivf = faiss.try_extract_index_ivf(p.index)
+            if ivf is not None:
+                reads += p.index.ntotal * min(ivf.nprobe, ivf.nlist) / max(1, ivf.nlist)
+            elif _hnsw(p.index) is not None:
+                reads += HNSW_SCAN_EQUIVALENT
+        return reads
 
     def ivf_parts(self) -> list[faiss.IndexIVF]:
         return [ivf for p in self.parts if (ivf := faiss.try_extract_index_ivf(p.index)) is not None]
@@ -92,30 +132,47 @@ class SegmentedIndex:
         out[ok] = self.where[photo[ok]]
         return out
 
-    def search(self, xq: np.ndarray, k: int, *, ids: np.ndarray | None = None,
-               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product over the live vectors (``ids``: only these), each segment searched with its
-        tombstones masked, the results merged (faiss.ResultHeap). ``ids`` become a FAISS selector per segment: those
-        of them live there, as an IDSelectorBitmap when they are many of a per-photo kind (see BITMAP_SHARE), else
-        an IDSelectorBatch."""
+    def live_in(self, seg: int) -> np.ndarray:
+        """bool by photo id: the photos whose live vectors segment ``seg`` holds (made once per snapshot)."""
+        if seg not in self._live:
+            self._live[seg] = self.where == seg
+        return self._live[seg]
+
+    def search(self, xq: np.ndarray, k: int, *, ids: np.ndarray | None = None, mask: np.ndarray | None = None,
+               nprobe: int | None = None, share: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product over the live vectors (``ids``: only these; ``mask``: only the photos set in this
+        bool array by photo id, for a per-photo kind), each segment searched with its tombstones masked, the
+        results merged (faiss.ResultHeap). A restriction becomes a FAISS selector per segment: the photos of it
+        live there, as an IDSelectorBitmap when they are many of a per-photo kind (see BITMAP_SHARE), else an
+        IDSelectorBatch. ``share``: the fraction of photos the restriction passes; an HNSW part then keeps
+        HNSW_EF_SEARCH / share candidates (at most HNSW_EF_MAX), as the graph walk meets that many that fail."""
         xq = np.ascontiguousarray(xq, np.float32)
         heap = faiss.ResultHeap(len(xq), k, keep_max=True)
-        wide = ids is not None and self.per_photo == 1 and len(ids) * BITMAP_SHARE >= len(self.where)
+        ef = None if share is None else int(min(HNSW_EF_MAX, HNSW_EF_SEARCH / max(share, 1e-9)))
+        wide = mask is not None or (ids is not None and self.per_photo == 1 and len(ids) * BITMAP_SHARE >= len(self.where))
         if wide:  # one bool per photo id: a segment's restriction is the photos that pass AND live in it
-            ids = np.asarray(ids, np.int64)
-            passing = np.zeros(len(self.where), bool)
-            passing[ids[(ids >= 0) & (ids < len(passing))]] = True
+            assert self.per_photo == 1, "a photo mask restricts one vector per photo"
+            if mask is not None and len(mask) == len(self.where):
+                passing = mask
+            elif mask is not None:
+                passing = np.zeros(len(self.where), bool)
+                m = min(len(mask), len(passing))
+                passing[:m] = mask[:m]
+            else:
+                passing = np.zeros(len(self.where), bool)
+                ids = np.asarray(ids, np.int64)
+                passing[ids[(ids >= 0) & (ids < len(passing))]] = True
         elif ids is not None:
             segs = self._segment_of(ids)
         for p in self.parts:
             if wide:
-                mine = passing & (self.where == p.seg)
+                mine = passing if len(self.parts) == 1 else passing & self.live_in(p.seg)  # one part: all live there
                 n = int(np.count_nonzero(mine))
-                params = only_ids(p.index, nprobe=nprobe, bitmap=np.packbits(mine, bitorder="little")) if n else None
+                params = only_ids(p.index, nprobe=nprobe, bitmap=np.packbits(mine, bitorder="little"), ef=ef) if n else None
             elif ids is not None:
                 mine = np.asarray(ids, np.int64)[segs == p.seg]
                 n = len(mine)
-                params = only_ids(p.index, mine, nprobe=nprobe) if n else None
+                params = only_ids(p.index, mine, nprobe=nprobe, ef=ef) if n else None
             else:
                 params = only_ids(p.index, exclude=p.dead, nprobe=nprobe)
                 n = len(p.ids) - len(p.dead)
@@ -140,7 +197,15 @@ class SegmentedIndex:
             p = by_seg.get(int(s))
             if p is None:
                 raise KeyError(f"segment {int(s)} is not in the index")
-            out[at] = p.index.reconstruct_batch(ids[at])
+            if (rows := p.rows()) is not None:
+                xb, row_of = rows
+                want = ids[at]
+                row = row_of[np.minimum(want, len(row_of) - 1)]
+                if (row < 0).any() or (want >= len(row_of)).any():
+                    raise KeyError(f"ids {want[:5].tolist()} are not all in segment {p.seg}")
+                out[at] = xb[row]
+            else:
+                out[at] = p.index.reconstruct_batch(ids[at])
         return out
 
     def reconstruct(self, i: int) -> np.ndarray:
@@ -152,9 +217,19 @@ class SegmentedIndex:
         return np.sort(np.concatenate(live)) if live else np.zeros(0, np.int64)
 
 
+def _hnsw(index: faiss.Index) -> faiss.IndexHNSW | None:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
+def _float_storage(index: faiss.Index) -> bool:
+    """The index keeps float32 vectors (Flat, HNSW over Flat, IVF over Flat): the scores it returns are exact."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    return isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat))
+
+
 def _is_exact(index: faiss.Index) -> bool:
     """Flat (or scalar-quantised) storage scanned whole: no candidate can be missed."""
-    if faiss.try_extract_index_ivf(index) is not None:
-        return False
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
-    return not isinstance(inner, faiss.IndexHNSW)
+    return faiss.try_extract_index_ivf(index) is None and _hnsw(index) is None

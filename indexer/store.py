@@ -969,8 +969,11 @@ class Writer:
         try:
             if indexes:
                 m.segments = [*m.segments, self._write_segment(indexes)]
-            live = {s for (s,) in self.db.execute("SELECT DISTINCT seg FROM vec")}
-            live_obj = {s for (s,) in self.db.execute("SELECT DISTINCT seg FROM objvec")}
+            # one indexed probe per named segment (vec_seg, objvec_seg), not a pass over every photo's row
+            live = {s["seg"] for s in m.segments
+                    if self.db.execute("SELECT 1 FROM vec WHERE seg=? LIMIT 1", (s["seg"],)).fetchone()}
+            live_obj = {s["seg"] for s in m.segments
+                        if self.db.execute("SELECT 1 FROM objvec WHERE seg=? LIMIT 1", (s["seg"],)).fetchone()}
             segments = []
             for s in m.segments:  # a segment whose vectors are all tombstones leaves the manifest
                 keep = {f: d for f, d in s["files"].items() if (s["seg"] in live if f != OBJECT_FILE else s["seg"] in live_obj)}

@@ -1,15 +1,20 @@
 """Filtered global search at scale: latency and recall@10 against an exact filtered search, per selectivity.
 
-    python scripts/bench_filters.py [--size 1000000] [--queries 200] [--kind FACTORY] [--work DIR]
+    python scripts/bench_filters.py [--size 1000000] [--queries 200] [--kind FACTORY] [--nprobe N]
+                                    [--seal-kind FACTORY | --no-compact] [--work DIR]
 
---size synthetic unit vectors (d=384, clustered) are written through the indexer's own Writer (the index kind it
-chooses for that count, or --kind; a one-cell patch grid, so the patch index stays the size of the global one) with a date
+--size synthetic unit vectors (d=384, clustered) are written through the indexer's own Writer (a fresh segment of the
+kind a run writes, or --kind; a one-cell patch grid, so the patch index stays the size of the global one) with a date
 taken per photo, every photo a distinct minute in a shuffled order. A date range then passes 50%, 5%, 1% or 0.1% of
 the photos. Each query is an indexed photo's vector, answered by ``Engine.search`` (the engine's own filter planning:
 the filter evaluated in numpy over the commit's catalog columns, then the plan ``Engine.global_plan`` names), and
 compared with the exact top-10 among the photos that pass (numpy over the raw vectors). Printed per selectivity: the
-plan, p50/p99 of the whole search and of its filter part (``Engine.filter_ids``; the first query of a commit also
+plan, p50/p99 of the whole search and of its filter part (``Engine.filter_passing``; the first query of a commit also
 reads the columns, timed apart as "columns read"), recall@10.
+
+The rows are measured twice: on the index as the run wrote it ("fresh"), then after compaction sealed it into the
+kind its size calls for ("sealed": HNSW32 past 200k photos; --seal-kind forces one), as `serve --compact-every` or
+`dinosearch compact` leaves it.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from indexer.compact import compact  # noqa: E402
 from indexer.reader import PhotoMeta  # noqa: E402
 from indexer.store import Manifest, Writer  # noqa: E402
-from search import Engine, Example, Filters, SearchQuery  # noqa: E402
+from search import Engine, EngineConfig, Example, Filters, SearchQuery  # noqa: E402
 
 BASE = dt.datetime(2000, 1, 1)
 SELECTIVITY = (0.5, 0.05, 0.01, 0.001)
@@ -66,6 +72,35 @@ def pct(ts: list[float], q: float) -> float:
     return float(np.percentile(np.array(ts) * 1e3, q))
 
 
+def measure(engine: Engine, stage: str, xb: np.ndarray, size: int, queries: int, k: int, rng: np.random.Generator) -> None:
+    print(f"{'stage':<6} {'pass':>6} {'photos':>8} {'plan':>5} {'p50 ms':>7} {'p99 ms':>7} {'filter p50':>10} {'recall@10':>9}",
+          flush=True)
+    for sel in SELECTIVITY:
+        f = Filters(taken_before=(BASE + dt.timedelta(minutes=int(sel * size))).isoformat(timespec="seconds"))
+        passing = engine.filter_passing(f)
+        ids = passing.ids
+        plan = engine.global_plan(passing)
+        lat, filt, rec = [], [], []
+        for q in rng.integers(1, size + 1, queries):
+            t = time.perf_counter()
+            engine.filter_passing(f)
+            filt.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            hits = engine.search(SearchQuery((Example(int(q)),), filters=f, k=k)).hits
+            lat.append(time.perf_counter() - t)
+            s = xb[ids - 1] @ xb[q - 1]
+            truth = ids[np.argsort(-s, kind="stable")[:k]]
+            rec.append(len({h.photo_id for h in hits} & set(truth.tolist())) / min(k, len(ids)))
+        print(f"{stage:<6} {sel:>6.1%} {len(ids):>8} {plan:>5} {pct(lat, 50):>7.2f} {pct(lat, 99):>7.2f} "
+              f"{pct(filt, 50):>10.2f} {np.mean(rec):>9.3f}", flush=True)
+
+
+def describe(engine: Engine) -> str:
+    kinds = sorted({type(faiss.downcast_index(p.index.index if isinstance(p.index, faiss.IndexIDMap2) else p.index))
+                    .__name__.replace("Index", "") for p in engine.global_index.parts})
+    return f"{len(engine.global_index.parts)} global segment(s) of {'/'.join(kinds)}; scan plan up to {engine.scan_limit():.0f} photos"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=1_000_000, help="synthetic photos (default 1000000)")
@@ -74,6 +109,9 @@ def main() -> None:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--kind", default=None, help="global index kind (default: what dinosearch chooses for --size), "
                    "e.g. IVF128,Flat to see the IVF plans at a small size")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists a query visits (default: the engine's)")
+    p.add_argument("--seal-kind", default=None, help="global kind compaction seals into (default: by size)")
+    p.add_argument("--no-compact", action="store_true", help="measure the fresh index only")
     p.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     a = p.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-filters-"))
@@ -84,32 +122,23 @@ def main() -> None:
     t0 = time.perf_counter()
     print(f"building {a.size} synthetic photos (d={a.dim}) with dates taken ...", flush=True)
     xb = build(idx, a.size, a.dim, rng, a.kind)
-    engine = Engine(idx)
+    config = EngineConfig() if a.nprobe is None else EngineConfig(nprobe=a.nprobe)
+    engine = Engine(idx, config)
     t = time.perf_counter()
     cols = engine.columns
     print(f"columns of {int(cols.indexed.sum())} photos read in {(time.perf_counter() - t) * 1e3:.0f} ms (once per commit)", flush=True)
-    print(f"built in {time.perf_counter() - t0:.0f} s; global index {engine.manifest.global_kind}, nprobe "
-          f"{engine.config.nprobe}; k={a.k}, {a.queries} queries per row, one FAISS thread", flush=True)
-    print(f"{'pass':>6} {'photos':>8} {'plan':>5} {'p50 ms':>7} {'p99 ms':>7} {'filter p50':>10} {'recall@10':>9}", flush=True)
-    for sel in SELECTIVITY:
-        f = Filters(taken_before=(BASE + dt.timedelta(minutes=int(sel * a.size))).isoformat(timespec="seconds"))
+    print(f"built in {time.perf_counter() - t0:.0f} s; fresh: {describe(engine)}, nprobe {engine.config.nprobe}; "
+          f"k={a.k}, {a.queries} queries per row, one FAISS thread", flush=True)
+    measure(engine, "fresh", xb, a.size, a.queries, a.k, rng)
+    if not a.no_compact:
+        faiss.omp_set_num_threads(os.cpu_count() or 1)  # compaction builds with every core, as `dinosearch compact`
         t = time.perf_counter()
-        allowed = engine.filter_ids(f)
-        ids = allowed
-        plan = engine.global_plan(allowed)
-        lat, filt, rec = [], [time.perf_counter() - t], []
-        for q in rng.integers(1, a.size + 1, a.queries):
-            t = time.perf_counter()
-            engine.filter_ids(f)
-            filt.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            hits = engine.search(SearchQuery((Example(int(q)),), filters=f, k=a.k)).hits
-            lat.append(time.perf_counter() - t)
-            s = xb[ids - 1] @ xb[q - 1]
-            truth = ids[np.argsort(-s, kind="stable")[: a.k]]
-            rec.append(len({h.photo_id for h in hits} & set(truth.tolist())) / min(a.k, len(ids)))
-        print(f"{sel:>6.1%} {len(ids):>8} {plan:>5} {pct(lat, 50):>7.2f} {pct(lat, 99):>7.2f} {pct(filt, 50):>10.2f} "
-              f"{np.mean(rec):>9.3f}", flush=True)
+        compact(idx, force=True, kinds=None if a.seal_kind is None else {"global": a.seal_kind})
+        faiss.omp_set_num_threads(1)
+        assert engine.refresh(), "the engine did not see compaction's commit"
+        _ = engine.columns  # read once per commit, outside the timed rows
+        print(f"compacted in {time.perf_counter() - t:.0f} s; sealed: {describe(engine)}", flush=True)
+        measure(engine, "sealed", xb, a.size, a.queries, a.k, rng)
     if a.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

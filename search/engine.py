@@ -27,7 +27,7 @@ from indexer.segments import only_ids  # noqa: F401  (re-exported: searches rest
 from indexer.store import MAX_OBJECTS, Snapshot, live_generation
 from search.columns import Columns
 from search.query import BadQuery, Example, Filters, SearchQuery, great_circle_km
-from search.region import BadRegion, box_to_mask, late_interaction, localize, pixel_mask_to_grid
+from search.region import BadRegion, box_to_mask, late_interaction, late_interaction_scores, localize, pixel_mask_to_grid
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +129,33 @@ class EngineConfig:
 
 
 Query = str | os.PathLike | bytes | int
-Allowed = np.ndarray | set[int] | None  # photos a search may return: sorted unique int64 ids (as filter_ids gives
-# them) or any collection of ids; None: every photo
+class Passing:
+    """The photos a filter lets through, as the filter made them: a bool mask by photo id (what a global search's
+    FAISS bitmap selector reads), the count, and the sorted ids made only when a plan needs them."""
+
+    def __init__(self, mask: np.ndarray):
+        self.mask = mask
+        self.count = int(np.count_nonzero(mask))
+        self._ids: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def ids(self) -> np.ndarray:
+        if self._ids is None:
+            self._ids = np.flatnonzero(self.mask).astype(np.int64)
+        return self._ids
+
+
+Allowed = Passing | np.ndarray | set[int] | None  # photos a search may return: a filter's Passing, sorted unique
+# int64 ids (as filter_ids gives them) or any collection of ids; None: every photo
 
 
 def as_ids(allowed: Allowed) -> np.ndarray | None:
     """An allowed set as sorted unique int64 ids (an array is taken to be so already: filter_ids' are)."""
+    if isinstance(allowed, Passing):
+        return allowed.ids
     if allowed is None or isinstance(allowed, np.ndarray):
         return None if allowed is None else np.asarray(allowed, np.int64)
     return np.array(sorted({int(i) for i in allowed}), np.int64)
@@ -282,11 +303,12 @@ class Engine:
         """Most frequent top-1 tags: (label, photos)."""
         return self._catalog_query("SELECT label, count(*) AS n FROM labels WHERE rank = 0 GROUP BY label ORDER BY n DESC, label LIMIT ?", [limit])
 
-    def _allowed(self, allowed: Allowed, label: str | None) -> np.ndarray | None:
-        """``allowed`` as sorted ids, narrowed to the photos tagged ``label`` (UnknownLabel if none is)."""
-        ids = as_ids(allowed)
+    def _allowed(self, allowed: Allowed, label: str | None) -> Passing | np.ndarray | None:
+        """``allowed`` as sorted ids (a Passing as it is), narrowed to the photos tagged ``label`` (UnknownLabel if
+        none is)."""
         if label is None:
-            return ids
+            return allowed if isinstance(allowed, Passing) else as_ids(allowed)
+        ids = as_ids(allowed)
         tagged = self._passing(Filters(label=label))
         return tagged if ids is None else np.intersect1d(tagged, ids)
 
@@ -347,6 +369,16 @@ class Engine:
         self._check_filters(f)
         return np.flatnonzero(self.columns.mask(f)).astype(np.int64)
 
+    def filter_passing(self, f: Filters) -> Passing | None:
+        """The indexed photos ``f`` lets through as a Passing (a mask; ids on demand), or None when it filters
+        nothing (every photo). Evaluated in numpy over the commit's columns (see search/columns.py), the same rows
+        browse's SQL selects."""
+        if not f.active:
+            return None
+        self._check_filters(f)
+        passing = Passing(self.columns.mask(f))
+        return None if passing.count >= len(self) else passing  # every photo passes: no selector to build and check
+
     def _near(self, rows: list[tuple], f: Filters, lat_at: int, lon_at: int) -> list[tuple]:
         if not f.near or not rows:
             return rows
@@ -355,12 +387,9 @@ class Engine:
         return [r for r, ok in zip(rows, d <= km) if ok]
 
     def filter_ids(self, f: Filters) -> np.ndarray | None:
-        """The indexed photos ``f`` lets through as sorted int64 ids, or None when it filters nothing (every photo).
-        Evaluated in numpy over the commit's columns (see search/columns.py), the same rows browse's SQL selects."""
-        if not f.active:
-            return None
-        ids = self._passing(f)
-        return None if len(ids) >= len(self) else ids  # every photo passes: no selector to build and check
+        """filter_passing's photos as sorted int64 ids (None: every photo)."""
+        passing = self.filter_passing(f)
+        return None if passing is None else passing.ids
 
     def browse(self, f: Filters = Filters(), *, sort: str = "taken", order: str = "asc", offset: int = 0,
                limit: int = 100) -> tuple[int, list[PhotoInfo]]:
@@ -630,15 +659,15 @@ class Engine:
         if len(cand) == 0:
             return []
         xp = self.photo_patches(cand)
-        scored = [(late_interaction(xq, xp[j]), int(p)) for j, p in enumerate(cand)]
-        scored.sort(key=lambda t: (-t[0][0], t[1]))
-        top = scored[:k]
-        ids = [p for _, p in top]
+        score = late_interaction_scores(xq, xp)
+        top = np.lexsort((cand, -score))[:k]  # best first, ties by id
+        ids = [int(cand[j]) for j in top]
         paths, sizes = self.path_of(ids), self.photo_size(ids)
         hits = []
-        for (score, sim), p in top:
+        for j, p in zip(top, ids):
+            _, sim = late_interaction(xq, xp[j])
             box_p, heat = localize(sim, grid, sizes.get(p, (self.manifest.resolution,) * 2), qcells)
-            hits.append(Hit(p, paths.get(p, "?"), min(score, 1.0), box_p, heat))  # ranked unclipped, reported as a cosine
+            hits.append(Hit(p, paths.get(p, "?"), min(float(score[j]), 1.0), box_p, heat))  # ranked unclipped, reported as a cosine
         return hits
 
     def parts(self, query: Query, k: int = 5, *, seed: int = 0) -> Parts:
@@ -710,7 +739,7 @@ class Engine:
         if k <= 0 or n == 0:
             return []
         if self.vectors is not None:  # exact search in the store, the tag filtered next to the vectors
-            D, I = self.vectors.search("global", xq, k, photos=allowed, tag=label)
+            D, I = self.vectors.search("global", xq, k, photos=as_ids(allowed), tag=label)
             ok = I[0] >= 0
             ids, scores = I[0][ok], D[0][ok]
             paths = self.path_of(ids.tolist())
@@ -719,17 +748,20 @@ class Engine:
         if allowed is not None and not len(allowed):
             return []
         plan = self.global_plan(allowed)
-        exact = plan == "flat"
+        exact = plan == "flat" or self.global_index.float_scores  # no candidate to re-score on stored vectors
         kk = min(n, k if exact else max(4 * k, 64))
         if plan == "scan":
             ids, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
         else:
+            mask = allowed.mask if isinstance(allowed, Passing) else None
+            only = None if allowed is None or mask is not None else allowed
             with self._lock:
-                D, I = self.global_index.search(xq, kk, ids=allowed)
+                D, I = self.global_index.search(xq, kk, ids=only, mask=mask,
+                                                share=None if allowed is None else len(allowed) / n)
             ids = I[0][I[0] >= 0]
             scores = D[0][: len(ids)]
-        if allowed is not None and len(ids) < min(k, len(allowed)):  # a scan, or an IVF probe missed photos that pass:
-            ids = allowed  # score every one of them exactly, so k that exist are returned
+        if allowed is not None and len(ids) < min(k, len(allowed)):  # a scan, or a probe missed photos that pass:
+            ids = as_ids(allowed)  # score every one of them exactly, so k that exist are returned
             scores = self.global_vectors(ids) @ xq[0]
             order = np.argsort(-scores, kind="stable")
             ids, scores = ids[order], scores[order]
@@ -742,19 +774,27 @@ class Engine:
         paths = self.path_of(ids.tolist())
         return [Hit(int(i), paths.get(int(i), "?"), float(s)) for i, s in zip(ids, scores)]
 
-    SCAN_MAX = 4096  # a filter passing at most this many photos has them scored exactly (see global_plan)
+    SCAN_MAX = 4096  # a filter passing at most this many photos has them scored exactly, whatever the index (see
+    # global_plan)
 
     def global_plan(self, allowed: Allowed) -> str:
-        """How a global search runs: "flat" (an exact index; a filter is a FAISS ID selector inside it), "ivf" (nprobe
-        lists, then an exact re-rank; a filter is an ID selector inside the probe, and the photos that pass are scored
-        exactly if the probe finds fewer than k), or "scan" (an IVF index and a filter that passes at most SCAN_MAX
-        photos: those are scored exactly, which is exact and cheap, where a probe would see only the few of them that
-        lie in its lists)."""
+        """How a global search runs: "flat" (an exact index; a filter is a FAISS ID selector inside it), "ivf" or
+        "hnsw" (an approximate index, then an exact re-rank of its candidates; a filter is an ID selector inside
+        the probe or the graph walk, and the photos that pass are scored exactly if it finds fewer than k), or "scan":
+        an approximate index and a filter that passes no more photos than the index would read anyway
+        (SegmentedIndex.probe_reads: an IVF's probed lists, an HNSW walk's equivalent; at least SCAN_MAX). Those
+        photos are scored exactly, which is exact and no slower, where a probe would meet only the few of them that
+        lie in its lists and a graph walk would pass through mostly photos the filter rejects."""
         if self.vectors is not None or self.global_index.exact:
             return "flat"
+        ann = "hnsw" if self.global_index.hnsw else "ivf"
         if allowed is None:
-            return "ivf"
-        return "scan" if len(allowed) <= self.SCAN_MAX else "ivf"
+            return ann
+        return "scan" if len(allowed) <= self.scan_limit() else ann
+
+    def scan_limit(self) -> float:
+        """The most photos a filter may pass for the scan plan (see global_plan)."""
+        return max(self.SCAN_MAX, self.global_index.probe_reads())
 
     # -- one query model: plan and answer a SearchQuery
 
@@ -779,7 +819,7 @@ class Engine:
         photo on the wanted side. Candidates are the union of each like example's own nearest photos (max(4k, 64)
         each, inside the filter: an object example's are the photos of its nearest objects), scored exactly.
         """
-        allowed = self.filter_ids(q.filters)
+        allowed = self.filter_passing(q.filters)
         first = q.like[0]
         if len(q.like) == 1 and not q.unlike:
             return self._search_one(first, q.k, allowed)
@@ -828,7 +868,7 @@ class Engine:
             return parts.labels == e.part, parts.size
         return e.mask, None
 
-    def _search_one(self, e: Example, k: int, allowed: np.ndarray | None) -> SearchResult:
+    def _search_one(self, e: Example, k: int, allowed: Passing | None) -> SearchResult:
         if e.mode == "objects":
             qo = self.query_object(e.source, point=e.point, box=e.box)
             return SearchResult("objects", self.objects_by_vector(qo.vector, k, allowed=allowed), qo.size, qo)
@@ -904,7 +944,7 @@ class _Scorer:
     objects: bool = False  # ``vector`` is an object's: compared with the photos' stored objects
     query_object: QueryObject | None = None
 
-    def candidates(self, k: int, allowed: np.ndarray | None) -> np.ndarray:
+    def candidates(self, k: int, allowed: Allowed) -> np.ndarray:
         e = self.engine
         if self.objects:
             hits = e.objects_by_vector(self.vector, k, allowed=allowed)
@@ -921,7 +961,7 @@ class _Scorer:
         if self.vector is not None:
             return e.global_vectors(ids) @ np.asarray(self.vector, np.float32)
         xp = e.photo_patches(ids)
-        return np.array([late_interaction(self.patches, xp[j])[0] for j in range(len(ids))], np.float32)
+        return late_interaction_scores(self.patches, xp).astype(np.float32)
 
     def hit(self, photo_id: int, path: str, score: float) -> Hit:
         """A result this example ranked, with where it matched: the region's box and heat, or the best object."""

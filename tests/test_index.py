@@ -305,3 +305,21 @@ def test_moved_and_renamed_photos_keep_their_ids_and_vectors(photos, embedder, t
     stats = index_folder(photos, idx, embedder, CFG)
     assert (stats.moved, stats.indexed) == (1, 1)
     assert {os.fsdecode(r[1]): r[0] for r in catalog_rows(idx)}[str(files[0])] == before[str(files[0])][0]
+
+
+def test_the_run_logs_its_longest_pause_and_what_filled_it(photos, embedder, tmp_path, monkeypatch):
+    """A commit that stalls (a slow disk, here one held for 0.6 s) is the run's longest pause, named as a commit;
+    a run without a stall names what its longest gap went to."""
+    stats = index_folder(photos, tmp_path / "a", embedder, IndexConfig(batch_size=8, workers=1, progress=False, commit_every=16))
+    assert 0 < stats.longest_pause < stats.seconds and stats.pause_cause in ("commit", "embedding", "decoding", "other")
+    real = Writer.commit
+
+    def slow_commit(self):
+        import time
+
+        time.sleep(0.6)
+        return real(self)
+
+    monkeypatch.setattr(Writer, "commit", slow_commit)
+    stats = index_folder(photos, tmp_path / "b", embedder, IndexConfig(batch_size=8, workers=1, progress=False, commit_every=16))
+    assert stats.commits >= 3 and stats.longest_pause >= 0.6 and stats.pause_cause == "commit", stats

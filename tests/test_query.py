@@ -263,8 +263,9 @@ def test_filters_return_k_on_ivf_kinds_whose_probe_misses(described, embedder, t
     assert ivf.manifest.global_kind.startswith("IVF") and ivf.manifest.patch_kind.startswith("IVF")
     leica = ivf.filter_ids(Filters(camera="leica"))
     assert ivf.global_plan(None) == "ivf" and ivf.global_plan(leica) == "scan"  # 3 photos pass: scored exactly
-    for scan_max in (Engine.SCAN_MAX, 0):  # the scan plan, then the probe with its fallback when the probe misses
-        ivf.SCAN_MAX = scan_max
+    assert len(leica) <= ivf.scan_limit() == max(Engine.SCAN_MAX, ivf.global_index.probe_reads())
+    for scan_max in (ivf.scan_limit(), 0):  # the scan plan, then the probe with its fallback when the probe misses
+        ivf.scan_limit = lambda: scan_max  # noqa: B023 (used inside this iteration only)
         assert ivf.global_plan(leica) == ("scan" if scan_max else "ivf")
         for f in sorted(photos.rglob("*.jpg"))[:6]:
             for box in (None, (0, 0, 60, 60)):

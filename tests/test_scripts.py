@@ -38,10 +38,15 @@ def script(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_bench_filters_names_the_engines_plan_and_is_exact_where_it_scans(tmp_path):
-    out = script("bench_filters.py", "--size", "10000", "--queries", "5", "--kind", "IVF16,Flat", "--work", str(tmp_path)).stdout
-    rows = {m[1]: (m[2], float(m[3])) for m in re.finditer(r"^\s*([\d.]+%)\s+\d+\s+(\w+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)$", out, re.M)}
-    assert set(rows) == {"50.0%", "5.0%", "1.0%", "0.1%"}, out
-    assert rows["50.0%"][0] == "ivf" and rows["0.1%"] == ("scan", 1.0)  # 10 photos pass: scored exactly
+    out = script("bench_filters.py", "--size", "10000", "--queries", "5", "--kind", "IVF16,Flat", "--nprobe", "1",
+                 "--seal-kind", "HNSW32", "--work", str(tmp_path)).stdout
+    rows = {(m[1], m[2]): (m[3], float(m[4])) for m in re.finditer(
+        r"^(fresh|sealed)\s+([\d.]+%)\s+\d+\s+(\w+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)$", out, re.M)}
+    assert {p for _, p in rows} == {"50.0%", "5.0%", "1.0%", "0.1%"} and len(rows) == 8, out
+    assert rows["fresh", "50.0%"][0] == "ivf" and rows["fresh", "0.1%"] == ("scan", 1.0)  # 10 photos pass: scored exactly
+    assert "sealed: 1 global segment(s) of HNSWFlat" in out  # compaction's kind, searched after Engine.refresh
+    assert all(r[1] == 1.0 for r in rows.values() if r[0] == "scan"), out  # a scan is exact
+
 
 def test_bench_write_prints_commit_cost_per_size(tmp_path):
     out = script("bench_write.py", "--sizes", "20,60", "--dim", "16", "--grid", "2", "--batch", "2", "--repeat", "1",
