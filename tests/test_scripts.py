@@ -53,3 +53,10 @@ def test_bench_write_prints_commit_cost_per_size(tmp_path):
                  "--fill-commit", "20", "--work", str(tmp_path)).stdout
     rows = [line.split() for line in out.splitlines() if line.startswith("this")]
     assert [int(r[1]) for r in rows] == [20, 60] and float(rows[0][3]) == 1.0 and all(float(r[4]) > 0 for r in rows)
+
+
+def test_bench_pauses_runs_the_cli_and_reports_its_longest_pause(tmp_path):
+    out = script("bench_pauses.py", "--n", "40", "--arch", "tiny", "--commit-every", "16", "--out", str(tmp_path)).stdout
+    assert re.search(r"^indexed 40 photos in \d+ s .*, 3 segments, commits every 16 photos$", out, re.M), out
+    m = re.search(r"longest pause between two photos: ([\d.]+) s \((commit|embedding|decoding|other)\)", out)
+    assert m and float(m[1]) >= 0, out
