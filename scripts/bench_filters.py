@@ -3,7 +3,7 @@
     python scripts/bench_filters.py [--size 1000000] [--queries 200] [--kind FACTORY] [--nprobe N]
                                     [--seal-kind FACTORY | --no-compact] [--work DIR]
 
---size synthetic unit vectors (d=384, clustered) are written through the indexer's own Writer (a fresh segment of the
+--size synthetic unit vectors (d=384; --data: bench_search's global data by default) are written through the indexer's own Writer (a fresh segment of the
 kind a run writes, or --kind; a one-cell patch grid, so the patch index stays the size of the global one) with a date
 taken per photo, every photo a distinct minute in a shuffled order. A date range then passes 50%, 5%, 1% or 0.1% of
 the photos. Each query is an indexed photo's vector, answered by ``Engine.search`` (the engine's own filter planning:
@@ -36,6 +36,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_search import clustered, unit  # noqa: E402
+
 from indexer.compact import compact  # noqa: E402
 from indexer.reader import PhotoMeta  # noqa: E402
 from indexer.store import Manifest, Writer  # noqa: E402
@@ -45,11 +47,21 @@ BASE = dt.datetime(2000, 1, 1)
 SELECTIVITY = (0.5, 0.05, 0.01, 0.001)
 
 
-def build(idx: Path, n: int, dim: int, rng: np.random.Generator, kind: str | None, batch: int = 20_000) -> np.ndarray:
-    """An index of n synthetic photos through the Writer; returns their vectors (row i = photo id i + 1)."""
+def vectors(n: int, dim: int, rng: np.random.Generator, data: str) -> np.ndarray:
+    """n unit vectors: "manifold" is bench_search's global data (near 4096 centres along a shared 32-dim subspace);
+    "isotropic" puts n/1000 centres under noise of 1.5x their norm in every dimension, a worst case for graph
+    indexes (HNSW32 reaches recall@10 0.88 on it at 1M, unfiltered)."""
+    if data == "manifold":
+        return clustered(n, unit(4096, dim, rng), unit(32, dim, rng), rng)
     centres = rng.standard_normal((max(16, n // 1000), dim)).astype(np.float32)
     xb = centres[rng.integers(0, len(centres), n)] + 1.5 * rng.standard_normal((n, dim)).astype(np.float32)
     faiss.normalize_L2(xb)
+    return xb
+
+
+def build(idx: Path, xb: np.ndarray, rng: np.random.Generator, kind: str | None, batch: int = 20_000) -> None:
+    """An index of the photos xb (row i = photo id i + 1) through the Writer, each with a date taken."""
+    n, dim = xb.shape
     minute = rng.permutation(n)  # photo i was taken at BASE + minute[i]
     m = Manifest(model="synthetic", model_type="dinov2", revision=None, dim=dim, patch_size=14, num_registers=0,
                  resolution=14, grid=1, mean=(0.5,) * 3, std=(0.5,) * 3, precision="fp32", fingerprint=[0.0] * dim,
@@ -65,7 +77,6 @@ def build(idx: Path, n: int, dim: int, rng: np.random.Generator, kind: str | Non
                 w.set_meta(i + 1, rows[i - s][1], PhotoMeta(taken=taken, taken_source="DateTimeOriginal"))
             print(f"    added {e}/{n}", flush=True)
         w.commit()
-    return xb
 
 
 def pct(ts: list[float], q: float) -> float:
@@ -109,6 +120,8 @@ def main() -> None:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--kind", default=None, help="global index kind (default: what dinosearch chooses for --size), "
                    "e.g. IVF128,Flat to see the IVF plans at a small size")
+    p.add_argument("--data", choices=("manifold", "isotropic"), default="manifold",
+                   help="vector distribution (default: bench_search's global data; see vectors())")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists a query visits (default: the engine's)")
     p.add_argument("--seal-kind", default=None, help="global kind compaction seals into (default: by size)")
     p.add_argument("--no-compact", action="store_true", help="measure the fresh index only")
@@ -120,8 +133,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     faiss.omp_set_num_threads(1)  # one query at a time, as a server thread answers it
     t0 = time.perf_counter()
-    print(f"building {a.size} synthetic photos (d={a.dim}) with dates taken ...", flush=True)
-    xb = build(idx, a.size, a.dim, rng, a.kind)
+    print(f"building {a.size} synthetic photos (d={a.dim}, {a.data} data) with dates taken ...", flush=True)
+    xb = vectors(a.size, a.dim, rng, a.data)
+    build(idx, xb, rng, a.kind)
     config = EngineConfig() if a.nprobe is None else EngineConfig(nprobe=a.nprobe)
     engine = Engine(idx, config)
     t = time.perf_counter()
@@ -133,7 +147,8 @@ def main() -> None:
     if not a.no_compact:
         faiss.omp_set_num_threads(os.cpu_count() or 1)  # compaction builds with every core, as `dinosearch compact`
         t = time.perf_counter()
-        compact(idx, force=True, kinds=None if a.seal_kind is None else {"global": a.seal_kind})
+        seal = {"patches": "SQ8"}  # the one-cell patch grid is a copy of the global vectors: not what is measured
+        compact(idx, force=True, kinds=seal if a.seal_kind is None else {**seal, "global": a.seal_kind})
         faiss.omp_set_num_threads(1)
         assert engine.refresh(), "the engine did not see compaction's commit"
         _ = engine.columns  # read once per commit, outside the timed rows
