@@ -147,7 +147,7 @@ class SegmentedIndex:
         IDSelectorBatch. ``share``: the fraction of photos the restriction passes; an HNSW part then keeps
         HNSW_EF_SEARCH / share candidates (at most HNSW_EF_MAX), as the graph walk meets that many that fail."""
         xq = np.ascontiguousarray(xq, np.float32)
-        heap = faiss.ResultHeap(len(xq), k, keep_max=True)
+        heap = faiss.ResultHeap(len(xq), k, keep_max=True) if len(self.parts) > 1 else None
         ef = None if share is None else int(min(HNSW_EF_MAX, HNSW_EF_SEARCH / max(share, 1e-9)))
         wide = mask is not None or (ids is not None and self.per_photo == 1 and len(ids) * BITMAP_SHARE >= len(self.where))
         if wide:  # one bool per photo id: a segment's restriction is the photos that pass AND live in it
@@ -180,7 +180,13 @@ class SegmentedIndex:
             if kk <= 0:
                 continue
             D, I = p.index.search(xq, kk, params=params)
+            if heap is None and kk == k:  # one segment: its answer is the answer (no heap to fill and sort)
+                return D, I
+            if heap is None:
+                heap = faiss.ResultHeap(len(xq), k, keep_max=True)
             heap.add_result(np.ascontiguousarray(D, np.float32), np.ascontiguousarray(I, np.int64))
+        if heap is None:  # nothing to search
+            return np.full((len(xq), k), np.finfo(np.float32).min, np.float32), np.full((len(xq), k), -1, np.int64)
         heap.finalize()
         return heap.D, heap.I
 

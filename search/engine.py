@@ -658,15 +658,13 @@ class Engine:
                 cand = np.concatenate([cand, rest[: n_cand - len(cand)]])
         if len(cand) == 0:
             return []
-        xp = self.photo_patches(cand)
-        score = late_interaction_scores(xq, xp)
+        score, sim = late_interaction_scores(xq, self.photo_patches(cand))
         top = np.lexsort((cand, -score))[:k]  # best first, ties by id
         ids = [int(cand[j]) for j in top]
         paths, sizes = self.path_of(ids), self.photo_size(ids)
         hits = []
         for j, p in zip(top, ids):
-            _, sim = late_interaction(xq, xp[j])
-            box_p, heat = localize(sim, grid, sizes.get(p, (self.manifest.resolution,) * 2), qcells)
+            box_p, heat = localize(sim[j], grid, sizes.get(p, (self.manifest.resolution,) * 2), qcells)
             hits.append(Hit(p, paths.get(p, "?"), min(float(score[j]), 1.0), box_p, heat))  # ranked unclipped, reported as a cosine
         return hits
 
@@ -961,7 +959,7 @@ class _Scorer:
         if self.vector is not None:
             return e.global_vectors(ids) @ np.asarray(self.vector, np.float32)
         xp = e.photo_patches(ids)
-        return late_interaction_scores(self.patches, xp).astype(np.float32)
+        return late_interaction_scores(self.patches, xp)[0].astype(np.float32)
 
     def hit(self, photo_id: int, path: str, score: float) -> Hit:
         """A result this example ranked, with where it matched: the region's box and heat, or the best object."""

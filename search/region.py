@@ -68,14 +68,13 @@ def late_interaction(xq: np.ndarray, xp: np.ndarray) -> tuple[float, np.ndarray]
     return float(sim.max(1).mean()), sim
 
 
-def late_interaction_scores(xq: np.ndarray, xp: np.ndarray) -> np.ndarray:
-    """late_interaction's score for many photos at once: xq [m, D], xp [c, n, D] -> [c], one matrix product (the
-    photos' patches against the query's) instead of one per photo."""
+def late_interaction_scores(xq: np.ndarray, xp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """late_interaction for many photos at once: xq [m, D], xp [c, n, D] -> (scores [c], similarities [c, m, n]),
+    one matrix product (all the photos' patches against the query's) instead of one small product per photo; the
+    similarities are views for localize."""
     c, n, d = xp.shape
-    if c == 0:
-        return np.zeros(0, np.float32)
     sim = (xp.reshape(c * n, d) @ xq.T).reshape(c, n, len(xq))
-    return sim.max(1).mean(1)
+    return sim.max(1).mean(1), sim.transpose(0, 2, 1)
 
 
 def localize(
