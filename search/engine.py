@@ -152,6 +152,17 @@ Allowed = Passing | np.ndarray | set[int] | None  # photos a search may return: 
 # int64 ids (as filter_ids gives them) or any collection of ids; None: every photo
 
 
+def top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (ids sorted ascending, so ties go to the lower id, as a stable sort of all would give them), in
+    order, without sorting all: the k-th best score is found by partition, and only those at least as good sorted."""
+    if len(ids) > k > 0:
+        kth = np.partition(-scores, k - 1)[k - 1]
+        keep = np.flatnonzero(-scores <= kth)  # ties with the k-th included, then cut after the sort
+        ids, scores = ids[keep], scores[keep]
+    order = np.lexsort((ids, -scores))[:k]
+    return ids[order], scores[order]
+
+
 def as_ids(allowed: Allowed) -> np.ndarray | None:
     """An allowed set as sorted unique int64 ids (an array is taken to be so already: filter_ids' are)."""
     if isinstance(allowed, Passing):
@@ -760,9 +771,7 @@ class Engine:
             scores = D[0][: len(ids)]
         if allowed is not None and len(ids) < min(k, len(allowed)):  # a scan, or a probe missed photos that pass:
             ids = as_ids(allowed)  # score every one of them exactly, so k that exist are returned
-            scores = self.global_vectors(ids) @ xq[0]
-            order = np.argsort(-scores, kind="stable")
-            ids, scores = ids[order], scores[order]
+            ids, scores = top_k(ids, self.global_vectors(ids) @ xq[0], k)
         elif not exact and len(ids):  # re-rank the candidates on their stored vectors
             xb = self.global_index.reconstruct_batch(ids)
             scores = xb @ xq[0]

@@ -342,3 +342,18 @@ def test_filter_columns_select_what_the_catalogs_sql_selects_and_search_inside_t
         w.set_meta(int(leica[0]), "/p/0.jpg", PhotoMeta(make="Canon"))
         w.commit()
     assert engine.refresh() and engine.filter_ids(Filters(camera="leica")).tolist() == leica[1:].tolist()
+
+
+def test_top_k_by_partition_equals_a_stable_sort_of_all_with_ties():
+    """The scan plan's top k (a partition, then a sort of those at least as good as the k-th) must rank exactly as
+    sorting every score would, ties going to the lower id."""
+    from search.engine import top_k
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, k = int(rng.integers(1, 200)), int(rng.integers(1, 20))
+        ids = np.sort(rng.choice(10_000, n, replace=False)).astype(np.int64)
+        scores = rng.integers(0, 5, n).astype(np.float32)  # few distinct values: ties at the cut
+        order = np.argsort(-scores, kind="stable")[:k]
+        got_ids, got_scores = top_k(ids, scores, k)
+        assert got_ids.tolist() == ids[order].tolist() and got_scores.tolist() == scores[order].tolist()
