@@ -72,8 +72,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace, pool) -> int:
     from indexer.embedder import Embedder, EmbedderConfig
+    from indexer.manifest import Manifest
     from indexer.runner import IndexConfig, index_folder
-    from indexer.store import Manifest, current_snapshot
+    from indexer.snapshot import current_snapshot
 
     watch = None
     if args.watch:  # bad values are refused before the model loads
@@ -427,7 +428,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "read routes are open to the network", file=sys.stderr)
     from api.service import check_folder
     from indexer.embedder import keep_index_precision
-    from indexer.store import Manifest, current_snapshot
+    from indexer.manifest import Manifest
+    from indexer.snapshot import current_snapshot
     from indexer.watch import WatchConfig
 
     if current_snapshot(Path(args.index).expanduser()) is not None:  # a flag at odds with the index: fail before serving
@@ -448,7 +450,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from indexer.classifier import DEFAULT_CLASSIFIER, Classifier, ClassifierConfig
     from indexer.embedder import pick_device
     from indexer.reader import load_query
-    from indexer.store import Snapshot
+    from indexer.snapshot import Snapshot
 
     m = Snapshot.open(args.index).manifest
     name = args.classifier or m.classifier or DEFAULT_CLASSIFIER

@@ -30,7 +30,7 @@ from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import ConfigError
 from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeJob, FileInfo, decode_file
 from indexer.runner import IndexConfig, RunStats, fill_meta, open_writer, sync_catalog
-from indexer.store import Writer
+from indexer.writer import Writer
 
 log = logging.getLogger(__name__)
 

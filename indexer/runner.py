@@ -20,6 +20,8 @@ import numpy as np
 from indexer.classifier import Classifier
 from indexer.embedder import Embedder
 from indexer.errors import ConfigError, DecodeError
+from indexer.faissio import check_kind
+from indexer.manifest import Manifest
 from indexer.objects import Mask, Segmenter, crop_object, rle_encode
 from indexer.pool import DecodePool, decoded_in_order, start_pool
 from indexer.reader import (
@@ -34,7 +36,7 @@ from indexer.reader import (
     read_meta,
     scan,
 )
-from indexer.store import Manifest, Writer, check_kind
+from indexer.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +161,7 @@ def _segment(embedder: Embedder, segmenter: Segmenter, writer: Writer, stats: Ru
 
 def open_writer(index_dir, embedder: Embedder, config: IndexConfig, store: str | None) -> Writer:
     """The index's writer, checked against the model, with its external vector store if it has one."""
-    from indexer.store import current_snapshot
+    from indexer.snapshot import current_snapshot
     from indexer.vectors import open_store
 
     manifest = Manifest.for_embedder(embedder, global_kind=config.global_kind, patch_kind=config.patch_kind)

@@ -15,20 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.catalog import CATALOG_FILE
 from indexer.errors import DinosearchError, IndexFormatError
-from indexer.store import (
-    CATALOG_FILE,
-    GLOBAL_FILE,
-    MAX_OBJECTS,
-    OBJECT_FILE,
-    PATCH_FILE,
-    Manifest,
-    Writer,
-    file_digest,
-    index_ids,
-    read_index,
-    seg_name,
-)
+from indexer.faissio import file_digest, index_ids, read_index
+from indexer.manifest import GLOBAL_FILE, MAX_OBJECTS, OBJECT_FILE, PATCH_FILE, Manifest
+from indexer.snapshot import seg_name
+from indexer.writer import Writer
 
 
 @dataclass

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SAMPLE = REPO / "data" / "caltech101-sample" / "images"
 
-from indexer.store import choose_kind, make_index  # noqa: E402
+from indexer.faissio import choose_kind, make_index  # noqa: E402
 from search.duplicates import DuplicateConfig, candidate_pairs, join_pairs, verify, verify_pairs  # noqa: E402
 
 TRANSFORMS = ["exact re-save", "jpeg q30", "resize 50%", "format change", "exif rotation", "mirror", "crop 90%",

@@ -31,8 +31,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from indexer.manifest import Manifest  # noqa: E402
 from indexer.reader import PhotoMeta  # noqa: E402
-from indexer.store import Manifest, Writer  # noqa: E402
+from indexer.writer import Writer  # noqa: E402
 from search import Engine, Example, Filters, SearchQuery  # noqa: E402
 
 BASE = dt.datetime(2000, 1, 1)

@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from indexer.embedder import Embedder, EmbedderConfig  # noqa: E402
+from indexer.faissio import make_index  # noqa: E402
 from indexer.reader import EXTENSIONS  # noqa: E402
 from indexer.runner import IndexConfig, index_folder  # noqa: E402
-from indexer.store import make_index  # noqa: E402
 from search import Engine  # noqa: E402
 from search.metrics import knn_recall, summarize  # noqa: E402
 

@@ -629,7 +629,7 @@ def group_links(links: list[Link]) -> list[list[int]]:
 def find_links(engine, config: DuplicateConfig = DuplicateConfig(), *, only: list[int] | None = None,
                finder: _Finder | None = None, block: int = 256) -> tuple[list[Link], dict[int, Photo]]:
     """Verified links between indexed photos (``only``: the links of these photos, to any indexed photo)."""
-    from indexer.store import reconstruct_all
+    from indexer.faissio import reconstruct_all
 
     gi = engine.global_index
     if gi.ntotal < 2:

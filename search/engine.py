@@ -21,10 +21,11 @@ import numpy as np
 
 from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import DinosearchError, IndexFormatError
+from indexer.manifest import MAX_OBJECTS
 from indexer.objects import Mask, Segmenter, SegmenterConfig, crop_object
 from indexer.reader import DEFAULT_MAX_PIXELS, decode_both, load_query, read_file
 from indexer.segments import only_ids  # noqa: F401  (re-exported: searches restricted to ids)
-from indexer.store import MAX_OBJECTS, Snapshot, live_generation
+from indexer.snapshot import Snapshot, live_generation
 from search.columns import Columns
 from search.query import BadQuery, Example, Filters, SearchQuery, great_circle_km
 from search.region import BadRegion, box_to_mask, late_interaction, localize, pixel_mask_to_grid
