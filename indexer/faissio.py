@@ -169,7 +169,6 @@ def read_index(path: Path, *, mmap: bool = False) -> faiss.Index:
     return index  # read_index already returns the concrete class (downcasting again would drop ownership)
 
 
-
 def file_digest(path: Path) -> dict[str, int | str]:
     """Size and blake2b of a file, recorded in the manifest so `verify` catches any corruption."""
     h = hashlib.blake2b(digest_size=16)
@@ -190,7 +189,6 @@ def fsync_dir(path: Path) -> None:
 def fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
 
 
 TRAIN_SAMPLE = 65_536  # vectors a trained kind learns from (bounded: training time must not grow with the data)

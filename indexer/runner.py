@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer import catalog
 from indexer.classifier import Classifier
 from indexer.embedder import Embedder
 from indexer.errors import ConfigError, DecodeError
@@ -254,7 +255,7 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
         need_labels: set[int] = set()
         if classifier is not None:
             if writer.manifest.classifier not in (None, classifier.config.model):
-                writer.db.execute("DELETE FROM labels")  # another classifier's tags: every photo is tagged anew
+                catalog.clear_labels(writer.db)  # another classifier's tags: every photo is tagged anew
             writer.manifest.classifier = classifier.config.model
             need_labels = writer.unlabelled()
         need_objects: set[int] = set()

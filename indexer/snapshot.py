@@ -7,13 +7,13 @@ import logging
 import os
 import shutil
 import sqlite3
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from indexer.catalog import CATALOG_FILE, SCHEMA, connect_ro
+from indexer import catalog
+from indexer.catalog import CATALOG_FILE
 from indexer.errors import IndexFormatError
 from indexer.faissio import file_digest, fsync_dir, fsync_file, index_ids, read_index, read_index_mapped
 from indexer.manifest import (
@@ -46,7 +46,6 @@ def format1_snapshot(root: Path) -> Path | None:
     return snap
 
 
-
 def live_generation(root: str | os.PathLike) -> int | None:
     """The generation of an index directory's live commit; None if nothing was committed (0: a format-1 index,
     which the next writer converts)."""
@@ -56,14 +55,14 @@ def live_generation(root: str | os.PathLike) -> int | None:
     if not (root / CATALOG_FILE).is_file():
         return None
     try:
-        db = connect_ro(root)
+        db = catalog.connect_ro(root)
         try:
-            row = db.execute("SELECT max(gen) FROM commits").fetchone()
+            gen = catalog.live_gen(db)
         finally:
             db.close()
     except sqlite3.DatabaseError as e:
         raise IndexFormatError(f"{root / CATALOG_FILE} is not a readable catalog: {e}") from None
-    return row[0] if row else None
+    return gen
 
 
 def current_snapshot(root: Path) -> Path | None:
@@ -94,15 +93,14 @@ class Snapshot:
         if not (root / CATALOG_FILE).is_file():
             raise IndexFormatError(f"{root} has no committed snapshot yet: not a dinosearch index, or its first run has not committed")
         try:
-            db = connect_ro(root)
-            db.execute("BEGIN")
-            row = db.execute("SELECT manifest FROM commits ORDER BY gen DESC LIMIT 1").fetchone()
+            db = catalog.open_read(root)
+            row = next(iter(catalog.latest_manifests(db)), None)
         except sqlite3.DatabaseError as e:
             raise IndexFormatError(f"{root / CATALOG_FILE} is corrupt: {e}") from None
         if row is None:
             db.close()
             raise IndexFormatError(f"{root} has no committed snapshot yet: not a dinosearch index, or its first run has not committed")
-        return cls(root, Manifest.from_json(row[0], str(root / CATALOG_FILE)), db)
+        return cls(root, Manifest.from_json(row, str(root / CATALOG_FILE)), db)
 
     @property
     def path(self) -> Path:
@@ -137,10 +135,7 @@ class Snapshot:
         return path
 
     def _where(self, table: str) -> np.ndarray:
-        rows = np.array(self.db.execute(f"SELECT photo_id, seg FROM {table}").fetchall(), np.int64).reshape(-1, 2)
-        where = np.zeros(max(self.manifest.next_id, int(rows[:, 0].max(initial=0)) + 1), np.int64)
-        where[rows[:, 0]] = rows[:, 1]
-        return where
+        return catalog.segment_of(self.db, table, self.manifest.next_id)
 
     def _segmented(self, kind: str, table: str, per_photo: int) -> SegmentedIndex:
         where = self._where(table)
@@ -187,21 +182,10 @@ def convert_format1(root: Path, snap: Path) -> None:
     fsync_dir(seg)
     tmp = root / (CATALOG_FILE + ".tmp")
     tmp.unlink(missing_ok=True)
-    src = sqlite3.connect(f"file:{snap / CATALOG_FILE}?mode=ro", uri=True)
-    db = sqlite3.connect(tmp)
-    src.backup(db)
-    src.close()
-    db.executescript(SCHEMA)
     m.format_version, m.gen, m.files = FORMAT_VERSION, 1, {}
     m.segments = [{"seg": 1, "files": files, "kinds": {k: getattr(m, KIND_FIELD[k]) for k, f in KIND_FILES.items()
                                                        if f in files}}] if files else []
-    with db:
-        if GLOBAL_FILE in files:
-            db.execute("INSERT INTO vec (photo_id, seg) SELECT id, 1 FROM photos WHERE status='indexed'")
-        if OBJECT_FILE in files:
-            db.execute("INSERT INTO objvec (photo_id, seg) SELECT DISTINCT photo_id, 1 FROM objects")
-        db.execute("INSERT INTO commits (gen, manifest, time) VALUES (1, ?, ?)", (m.to_json(), time.time()))
-    db.close()
+    catalog.copy_format1(snap / CATALOG_FILE, tmp, m.to_json(), vectors=GLOBAL_FILE in files, objects=OBJECT_FILE in files)
     fsync_file(tmp)
     os.replace(tmp, root / CATALOG_FILE)
     fsync_dir(root)

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 
-from indexer.catalog import CATALOG_FILE, SCHEMA, create_catalog
+from indexer import catalog
+from indexer.catalog import CATALOG_FILE
 from indexer.errors import ConfigError, IndexBusy, IndexFormatError, IndexWriteError
 from indexer.faissio import TRAIN_SAMPLE, file_digest, fsync_dir, fsync_file, kind_of, make_index, reconstruct_all
 from indexer.manifest import GLOBAL_FILE, KIND_FILES, MAX_OBJECTS, OBJECT_FILE, Manifest
@@ -81,12 +82,9 @@ class Writer:
                 convert_format1(self.root, old)
             fresh = not (self.root / CATALOG_FILE).exists()
             if fresh:
-                create_catalog(self.root)
-            self.db = sqlite3.connect(self.root / CATALOG_FILE, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")  # a commit is durable when it returns
-            self.db.executescript(SCHEMA)  # tables added since the catalog was written
-            row = None if fresh else self.db.execute("SELECT manifest FROM commits ORDER BY gen DESC LIMIT 1").fetchone()
+                catalog.create_catalog(self.root)
+            self.db = catalog.connect_writer(self.root)
+            row = None if fresh else next(iter(catalog.latest_manifests(self.db)), None)
         except sqlite3.DatabaseError as e:
             self._unlock()
             raise IndexFormatError(f"{self.root / CATALOG_FILE} is not a readable catalog: {e}") from None
@@ -96,7 +94,7 @@ class Writer:
         if row is None and manifest is None:
             self.close()
             raise IndexFormatError(f"{self.root} has no committed snapshot yet: index a folder first")
-        self.manifest = Manifest.from_json(row[0], str(self.root / CATALOG_FILE)) if row else manifest
+        self.manifest = Manifest.from_json(row, str(self.root / CATALOG_FILE)) if row else manifest
         self.global_index: faiss.Index | None = None  # this commit's new vectors (the next segment)
         self.patch_index: faiss.Index | None = None
         self.object_index: faiss.Index | None = None
@@ -128,7 +126,7 @@ class Writer:
         """Remove unfinished segments (a kill before the catalog's commit) and segments no manifest of the
         live or the previous commit names (readers that opened the previous commit keep their files)."""
         named = {s["seg"] for s in self.manifest.segments}
-        for (text,) in self.db.execute("SELECT manifest FROM commits ORDER BY gen DESC LIMIT 2"):
+        for text in catalog.latest_manifests(self.db, 2):
             named |= {s["seg"] for s in json.loads(text).get("segments", [])}
         for p in self.root.glob("seg-*"):
             if p.name.endswith(".tmp") or int(p.name[4:10]) not in named:
@@ -141,8 +139,7 @@ class Writer:
 
     def known(self) -> dict[str, tuple[int, int, int, str | None, str]]:
         """path -> (id, size, mtime_ns, hash, status) for every photo in the catalog."""
-        rows = self.db.execute("SELECT path, id, size, mtime_ns, hash, status FROM photos")
-        return {os.fsdecode(p): (i, s, m, h, st) for p, i, s, m, h, st in rows}
+        return catalog.known(self.db)
 
     def set_not_images(self, root: str, counts: dict[str, int]) -> None:
         """Record what a scan of ``root`` passed over (extension -> files); kept in the manifest at commit."""
@@ -160,17 +157,14 @@ class Writer:
 
     def set_labels(self, photo_ids: list[int], labels: list[list[tuple[str, float]]]) -> None:
         """Replace the class tags of photos (top-k (label, probability), best first)."""
-        self.db.executemany("DELETE FROM labels WHERE photo_id=?", [(int(i),) for i in photo_ids])
-        self.db.executemany("INSERT INTO labels (photo_id, rank, label, prob) VALUES (?,?,?,?)",
-                            [(int(i), r, lab, p) for i, tags in zip(photo_ids, labels) for r, (lab, p) in enumerate(tags)])
+        catalog.set_labels(self.db, photo_ids, labels)
         if self.vectors is not None:
             self.vectors.set_tags(photo_ids, [[lab for lab, _ in tags] for tags in labels])
         self.dirty = True
 
     def unlabelled(self) -> set[int]:
         """Indexed photos with no class tags."""
-        return {i for (i,) in self.db.execute(
-            "SELECT id FROM photos WHERE status='indexed' AND id NOT IN (SELECT photo_id FROM labels)")}
+        return catalog.unlabelled(self.db)
 
     # -- objects
 
@@ -185,48 +179,36 @@ class Writer:
             if self.object_index is None:
                 self.object_index = make_index("Flat", self.manifest.dim, None)
             self.object_index.add_with_ids(vectors, ids)
-            self.db.execute("INSERT OR REPLACE INTO objvec (photo_id, seg) VALUES (?,?)", (int(photo_id), self.next_seg))
             if self.vectors is not None:
                 self.vectors.add("objects", ids, np.full(len(ids), int(photo_id), np.int64), vectors)
-            self.db.executemany(
-                "INSERT INTO objects (id, photo_id, x0, y0, x1, y1, score, mask) VALUES (?,?,?,?,?,?,?,?)",
-                [(int(i), int(photo_id), *map(float, box), float(score), json.dumps(rle, separators=(",", ":")))
-                 for i, (box, score, rle) in zip(ids, objects)])
-        self.db.execute("INSERT OR REPLACE INTO segmented (photo_id) VALUES (?)", (int(photo_id),))
+            catalog.add_objects(self.db, photo_id, self.next_seg, ids, objects)
+        catalog.mark_segmented(self.db, photo_id)
         self.dirty = True
 
     # -- metadata
 
     def set_meta(self, photo_id: int, path: str, meta: PhotoMeta) -> None:
         """Replace what is known of a photo's date, camera, position (and its folder, from ``path``)."""
-        self.db.execute(
-            "INSERT OR REPLACE INTO meta (photo_id, taken, taken_source, make, model, lat, lon, orientation, folder) "
-            "VALUES (?,?,?,?,?,?,?,?,?)",
-            (int(photo_id), meta.taken, meta.taken_source, meta.make, meta.model, meta.lat, meta.lon, meta.orientation,
-             os.fsencode(os.path.dirname(path))))
+        catalog.set_meta(self.db, photo_id, path, meta)
         self.dirty = True
 
     def clear_meta(self, photo_ids: list[int]) -> None:
-        self.db.executemany("DELETE FROM meta WHERE photo_id=?", [(int(i),) for i in photo_ids])
+        catalog.clear_meta(self.db, photo_ids)
         self.dirty = True
 
     def without_meta(self) -> dict[int, tuple[str, int]]:
         """Indexed photos with no metadata row yet (an index from before metadata): id -> (path, mtime_ns)."""
-        return {i: (os.fsdecode(p), m) for i, p, m in self.db.execute(
-            "SELECT id, path, mtime_ns FROM photos WHERE status='indexed' AND id NOT IN (SELECT photo_id FROM meta)")}
+        return catalog.without_meta(self.db)
 
     def unsegmented(self) -> set[int]:
         """Indexed photos SAM has not looked at yet."""
-        return {i for (i,) in self.db.execute(
-            "SELECT id FROM photos WHERE status='indexed' AND id NOT IN (SELECT photo_id FROM segmented)")}
+        return catalog.unsegmented(self.db)
 
     def reset_objects(self) -> None:
         """Forget every object (another SAM model or settings: all photos are segmented anew)."""
         if self.vectors is not None:
             self.vectors.clear("objects")
-        self.db.execute("DELETE FROM objects")
-        self.db.execute("DELETE FROM segmented")
-        self.db.execute("DELETE FROM objvec")  # every object segment is dead: the next commit drops them
+        catalog.reset_objects(self.db)  # every object segment is dead: the next commit drops them
         self.object_index = None
         self.dirty = True
 
@@ -238,39 +220,31 @@ class Writer:
     def _remove_objects(self, photo_ids: list[int]) -> None:
         if not photo_ids:
             return
-        q = ",".join("?" * len(photo_ids))
-        ids = [i for (i,) in self.db.execute(f"SELECT id FROM objects WHERE photo_id IN ({q})", [int(i) for i in photo_ids])]
-        self.db.execute(f"DELETE FROM objects WHERE photo_id IN ({q})", [int(i) for i in photo_ids])
-        self.db.execute(f"DELETE FROM segmented WHERE photo_id IN ({q})", [int(i) for i in photo_ids])
-        self.db.execute(f"DELETE FROM objvec WHERE photo_id IN ({q})", [int(i) for i in photo_ids])  # tombstones
+        ids = catalog.remove_objects(self.db, photo_ids)
         if ids and self.object_index is not None:
             self.object_index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64)))
         if ids and self.vectors is not None:
             self.vectors.remove_photos(photo_ids, kinds=("objects",))
 
     def record_failure(self, photo_id: int, path: str, size: int, mtime_ns: int, hash_: str | None, error: str) -> None:
-        self.db.execute("DELETE FROM labels WHERE photo_id=?", (photo_id,))
-        self.db.execute("DELETE FROM meta WHERE photo_id=?", (photo_id,))
+        catalog.clear_labels(self.db, [photo_id])
+        catalog.clear_meta(self.db, [photo_id])
         self._remove_objects([photo_id])
         self._remove_vectors([photo_id])
         self._upsert(photo_id, path, size, mtime_ns, hash_, None, None, "failed", error)
 
     def move(self, photo_id: int, path: str, size: int, mtime_ns: int) -> None:
         """The same bytes found at another path (a moved or renamed photo): the row follows, id and vectors stay."""
-        self.db.execute("UPDATE photos SET path=?, size=?, mtime_ns=? WHERE id=?", (os.fsencode(path), size, mtime_ns, photo_id))
+        catalog.move_photo(self.db, photo_id, path, size, mtime_ns)
         self.dirty = True
 
     def touch(self, photo_id: int, size: int, mtime_ns: int) -> None:
         """Same content, new mtime: update the catalog only."""
-        self.db.execute("UPDATE photos SET size=?, mtime_ns=? WHERE id=?", (size, mtime_ns, photo_id))
+        catalog.touch_photo(self.db, photo_id, size, mtime_ns)
         self.dirty = True
 
     def _upsert(self, photo_id, path, size, mtime_ns, hash_, width, height, status, error) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO photos (id, path, size, mtime_ns, hash, width, height, status, error, updated) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (photo_id, os.fsencode(path), size, mtime_ns, hash_, width, height, status, error, time.time()),
-        )
+        catalog.upsert_photo(self.db, photo_id, path, size, mtime_ns, hash_, width, height, status, error)
         self.dirty = True
 
     def delete(self, photo_ids: Iterable[int]) -> None:
@@ -280,9 +254,7 @@ class Writer:
         self._remove_vectors(ids)
         for i in range(0, len(ids), 500):
             self._remove_objects(ids[i:i + 500])
-        self.db.executemany("DELETE FROM photos WHERE id=?", [(i,) for i in ids])
-        self.db.executemany("DELETE FROM labels WHERE photo_id=?", [(i,) for i in ids])
-        self.db.executemany("DELETE FROM meta WHERE photo_id=?", [(i,) for i in ids])
+        catalog.delete_photos(self.db, ids)
         self.dirty = True
 
     # -- vectors
@@ -297,9 +269,7 @@ class Writer:
         if not photo_ids:
             return
         ids = np.asarray(photo_ids, np.int64)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500].tolist()
-            self.db.execute(f"DELETE FROM vec WHERE photo_id IN ({','.join('?' * len(chunk))})", chunk)
+        catalog.drop_vec(self.db, ids.tolist())
         if self.global_index is not None:
             self.global_index.remove_ids(faiss.IDSelectorBatch(ids))
             self.patch_index.remove_ids(faiss.IDSelectorBatch(self._patch_ids(ids)))
@@ -317,13 +287,12 @@ class Writer:
         if self.global_index is None:  # fresh segments are exact (SQ8 for patches); forced kinds are trained at commit
             self.global_index = make_index("Flat", m.dim, None)
             self.patch_index = make_index("SQ8", m.dim, flat)
-        q = ",".join("?" * b)
-        replaced = [i for (i,) in self.db.execute(f"SELECT id FROM photos WHERE status='indexed' AND id IN ({q})", ids.tolist())]
+        replaced = catalog.indexed_among(self.db, ids.tolist())
         self._remove_vectors(replaced)
         self._remove_objects(replaced)  # a changed photo's objects are made again (or stay gone without --objects)
         self.global_index.add_with_ids(np.ascontiguousarray(cls, dtype=np.float32), ids)
         self.patch_index.add_with_ids(flat, self._patch_ids(ids))
-        self.db.executemany("INSERT OR REPLACE INTO vec (photo_id, seg) VALUES (?,?)", [(int(i), self.next_seg) for i in ids])
+        catalog.set_vec(self.db, ids, self.next_seg)
         if self.vectors is not None:  # upserts: a resumed run re-sending a photo leaves one copy
             self.vectors.add("global", ids, ids, cls)
             self.vectors.add("patches", self._patch_ids(ids), np.repeat(ids, m.grid * m.grid), flat)
@@ -365,11 +334,10 @@ class Writer:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(built, final)
         fsync_dir(self.root)
-        q = ",".join("?" * len(inputs))
         if GLOBAL_FILE in record["files"]:
-            self.db.execute(f"UPDATE vec SET seg=? WHERE seg IN ({q})", [seg, *inputs])
+            catalog.move_segments(self.db, "vec", inputs, seg)
         if OBJECT_FILE in record["files"]:
-            self.db.execute(f"UPDATE objvec SET seg=? WHERE seg IN ({q})", [seg, *inputs])
+            catalog.move_segments(self.db, "objvec", inputs, seg)
         gone = set(inputs)
         self.manifest.segments = [s for s in self.manifest.segments if s["seg"] not in gone] + [record]
         self.dirty = True
@@ -409,8 +377,8 @@ class Writer:
         try:
             if indexes:
                 m.segments = [*m.segments, self._write_segment(indexes)]
-            live = {s for (s,) in self.db.execute("SELECT DISTINCT seg FROM vec")}
-            live_obj = {s for (s,) in self.db.execute("SELECT DISTINCT seg FROM objvec")}
+            live = catalog.live_segments(self.db, "vec")
+            live_obj = catalog.live_segments(self.db, "objvec")
             segments = []
             for s in m.segments:  # a segment whose vectors are all tombstones leaves the manifest
                 keep = {f: d for f, d in s["files"].items() if (s["seg"] in live if f != OBJECT_FILE else s["seg"] in live_obj)}
@@ -423,8 +391,7 @@ class Writer:
             if not m.kinds_forced[1]:
                 m.patch_kind = _largest_kind(segments, "patches", "SQ8")
             m.object_kind = _largest_kind(segments, "objects", "Flat")
-            self.db.execute("INSERT INTO commits (gen, manifest, time) VALUES (?,?,?)", (gen, m.to_json(), time.time()))
-            self.db.execute("DELETE FROM commits WHERE gen < ?", (gen - 1,))
+            catalog.add_commit(self.db, gen, m.to_json())
             self.db.commit()
         except (OSError, RuntimeError, sqlite3.Error) as e:  # FAISS reports write errors as RuntimeError
             with contextlib.suppress(sqlite3.Error):
