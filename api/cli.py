@@ -370,11 +370,12 @@ def cmd_parts(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from indexer import catalog
     from search import Engine
 
     engine = Engine(args.index)
     m, snap = engine.manifest, engine.snapshot
-    counts = dict(engine.db.execute("SELECT status, count(*) FROM photos GROUP BY status").fetchall())
+    counts = catalog.status_counts(engine.db)
     files = {"catalog.sqlite": (snap.root / "catalog.sqlite").stat().st_size}
     files.update({f"seg-{s['seg']:06d}/{f}": d["size"] for s in m.segments for f, d in s["files"].items()})
     info = {
@@ -390,7 +391,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "segmenter": (m.segmenter or {}).get("model"), "objects": engine.object_count(),
         "not_images": sum(m.not_images_total().values()), "not_images_by_extension": m.not_images_total(),
     }
-    failed = [(shown(os.fsdecode(p)), e) for p, e in engine.db.execute("SELECT path, error FROM photos WHERE status='failed' ORDER BY path")]
+    failed = [(shown(os.fsdecode(p)), e) for p, e in catalog.failed_photos(engine.db)]
     if args.json:
         info["failed"] = [{"path": p, "error": e} for p, e in failed]
         print(json.dumps(info, indent=1))
