@@ -42,6 +42,7 @@ from api.service import (
 )
 from api.settings import Settings
 from api.uploads import check_upload
+from indexer import catalog
 from indexer.errors import (
     DecodeError,
     DinosearchError,
@@ -303,7 +304,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     def stats(svc: Svc) -> schemas.Stats:
         """What the index holds."""
         e = svc.engine
-        counts = dict(e.db.execute("SELECT status, count(*) FROM photos GROUP BY status").fetchall())
+        counts = catalog.status_counts(e.db)
         m = e.manifest
         return schemas.Stats(snapshot=e.snapshot.name, model=m.model, precision=m.precision, resolution=m.resolution,
                              grid=m.grid, photos_indexed=counts.get("indexed", 0), photos_failed=counts.get("failed", 0),

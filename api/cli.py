@@ -72,8 +72,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace, pool) -> int:
     from indexer.embedder import Embedder, EmbedderConfig
+    from indexer.manifest import Manifest
     from indexer.runner import IndexConfig, index_folder
-    from indexer.store import Manifest, current_snapshot
+    from indexer.snapshot import current_snapshot
 
     watch = None
     if args.watch:  # bad values are refused before the model loads
@@ -371,11 +372,12 @@ def cmd_parts(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from indexer import catalog
     from search import Engine
 
     engine = Engine(args.index)
     m, snap = engine.manifest, engine.snapshot
-    counts = dict(engine.db.execute("SELECT status, count(*) FROM photos GROUP BY status").fetchall())
+    counts = catalog.status_counts(engine.db)
     files = {"catalog.sqlite": (snap.root / "catalog.sqlite").stat().st_size}
     files.update({f"seg-{s['seg']:06d}/{f}": d["size"] for s in m.segments for f, d in s["files"].items()})
     info = {
@@ -391,7 +393,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "segmenter": (m.segmenter or {}).get("model"), "objects": engine.object_count(),
         "not_images": sum(m.not_images_total().values()), "not_images_by_extension": m.not_images_total(),
     }
-    failed = [(shown(os.fsdecode(p)), e) for p, e in engine.db.execute("SELECT path, error FROM photos WHERE status='failed' ORDER BY path")]
+    failed = [(shown(os.fsdecode(p)), e) for p, e in catalog.failed_photos(engine.db)]
     if args.json:
         info["failed"] = [{"path": p, "error": e} for p, e in failed]
         print(json.dumps(info, indent=1))
@@ -429,7 +431,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "read routes are open to the network", file=sys.stderr)
     from api.service import check_folder
     from indexer.embedder import keep_index_precision
-    from indexer.store import Manifest, current_snapshot
+    from indexer.manifest import Manifest
+    from indexer.snapshot import current_snapshot
     from indexer.watch import WatchConfig
 
     if current_snapshot(Path(args.index).expanduser()) is not None:  # a flag at odds with the index: fail before serving
@@ -450,7 +453,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from indexer.classifier import DEFAULT_CLASSIFIER, Classifier, ClassifierConfig
     from indexer.embedder import pick_device
     from indexer.reader import load_query
-    from indexer.store import Snapshot
+    from indexer.snapshot import Snapshot
 
     m = Snapshot.open(args.index).manifest
     name = args.classifier or m.classifier or DEFAULT_CLASSIFIER

@@ -24,6 +24,7 @@ import mimetypes
 import os
 import stat
 
+from indexer import catalog
 from indexer.errors import DinosearchError
 from indexer.reader import content_hash
 from search import UnknownPhoto
@@ -31,11 +32,6 @@ from search import UnknownPhoto
 
 class PhotoGone(DinosearchError):
     """An indexed photo whose file is gone, unreadable or no longer what was indexed (HTTP 410)."""
-
-
-def catalog_row(db, photo_id: int) -> tuple[bytes, int, str | None, str] | None:
-    """(path as bytes, size, hash, status) of a photo, or None."""
-    return db.execute("SELECT path, size, hash, status FROM photos WHERE id = ?", (int(photo_id),)).fetchone()
 
 
 def _gone(photo_id: int, why: str) -> PhotoGone:
@@ -60,7 +56,7 @@ def _open(path: bytes, photo_id: int) -> int:
 def read_indexed(db, photo_id: int) -> tuple[bytes, str, str]:
     """The bytes of an indexed photo, checked to be exactly what was indexed; with its media type and hash.
     Raises UnknownPhoto (404) for an id that is not an indexed photo, PhotoGone (410) otherwise."""
-    row = catalog_row(db, photo_id)
+    row = catalog.photo_file(db, photo_id)
     if row is None or row[3] != "indexed":
         raise UnknownPhoto(f"photo id {photo_id} is not an indexed photo")
     path, size, digest = bytes(row[0]), int(row[1]), row[2]

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from api.settings import Settings
 from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import DinosearchError, IndexFormatError, IndexWriteError
+from indexer.manifest import Manifest
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import Manifest, Writer, current_snapshot
+from indexer.snapshot import current_snapshot
+from indexer.writer import Writer
 from search import Engine, EngineConfig
 
 log = logging.getLogger(__name__)

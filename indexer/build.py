@@ -32,8 +32,9 @@ import numpy as np
 
 from indexer.compact import compact
 from indexer.errors import ConfigError
+from indexer.faissio import index_ids, make_index
 from indexer.segments import SegmentedIndex
-from indexer.store import Snapshot, index_ids, make_index
+from indexer.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ longer names an input segment, so its copy in the new segment is a tombstone lik
 
 Kinds of a sealed segment by size: global and object vectors exact up to GLOBAL_FLAT_MAX, then HNSW (FAISS
 cannot remove from HNSW, and does not need to: deletes are tombstones); patches SQ8, then IVF over SQ8 and
-IVF-PQ codes with nlist ~ sqrt(n) (store.choose_kind), so nlist grows with the data at every compaction.
-Trained kinds learn from a bounded sample (store.TRAIN_SAMPLE).
+IVF-PQ codes with nlist ~ sqrt(n) (faissio.choose_kind), so nlist grows with the data at every compaction.
+Trained kinds learn from a bounded sample (faissio.TRAIN_SAMPLE).
 """
 
 from __future__ import annotations
@@ -25,19 +25,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from indexer.faissio import TRAIN_SAMPLE, file_digest, fsync_dir, fsync_file, kind_of, make_index, seal_kind
+from indexer.manifest import KIND_FILES
 from indexer.segments import SegmentedIndex
-from indexer.store import (
-    KIND_FILES,
-    TRAIN_SAMPLE,
-    Snapshot,
-    Writer,
-    _fsync_dir,
-    _fsync_file,
-    _kind_of,
-    file_digest,
-    make_index,
-    seal_kind,
-)
+from indexer.snapshot import Snapshot
+from indexer.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +116,13 @@ def compact(root: str | os.PathLike, *, everything: bool = False, kinds: dict[st
                     index = _build(src, k, m.dim)
                 faiss.write_index(index, str(work / name))
                 report.seconds[kind] = time.perf_counter() - t
-                report.kinds[kind], report.vectors[kind] = _kind_of(index), n
+                report.kinds[kind], report.vectors[kind] = kind_of(index), n
                 made[kind] = report.kinds[kind]
             for f in sorted(work.iterdir()):
-                _fsync_file(f)
+                fsync_file(f)
                 files[f.name] = file_digest(f)
                 report.bytes[f.name] = f.stat().st_size
-            _fsync_dir(work)
+            fsync_dir(work)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

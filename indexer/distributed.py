@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer import catalog
 from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import ConfigError
 from indexer.reader import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeJob, FileInfo, decode_file
 from indexer.runner import IndexConfig, RunStats, fill_meta, open_writer, sync_catalog
-from indexer.store import Writer
+from indexer.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def index_folder_ray(
         need_labels: set[int] = set()
         if classifier is not None:
             if writer.manifest.classifier not in (None, classifier):
-                writer.db.execute("DELETE FROM labels")  # another classifier's tags: every photo is tagged anew
+                catalog.clear_labels(writer.db)  # another classifier's tags: every photo is tagged anew
             writer.manifest.classifier = classifier
             need_labels = writer.unlabelled()
         items: list[dict] = []

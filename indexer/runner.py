@@ -17,9 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer import catalog
 from indexer.classifier import Classifier
 from indexer.embedder import Embedder
 from indexer.errors import ConfigError, DecodeError
+from indexer.faissio import check_kind
+from indexer.manifest import Manifest
 from indexer.objects import Mask, Segmenter, crop_object, rle_encode
 from indexer.pool import DecodePool, decoded_in_order, start_pool
 from indexer.reader import (
@@ -34,7 +37,7 @@ from indexer.reader import (
     read_meta,
     scan,
 )
-from indexer.store import Manifest, Writer, check_kind
+from indexer.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +164,7 @@ def _segment(embedder: Embedder, segmenter: Segmenter, writer: Writer, stats: Ru
 
 def open_writer(index_dir, embedder: Embedder, config: IndexConfig, store: str | None) -> Writer:
     """The index's writer, checked against the model, with its external vector store if it has one."""
-    from indexer.store import current_snapshot
+    from indexer.snapshot import current_snapshot
     from indexer.vectors import open_store
 
     manifest = Manifest.for_embedder(embedder, global_kind=config.global_kind, patch_kind=config.patch_kind)
@@ -254,7 +257,7 @@ def _index(root, index_dir, embedder, config, pool, stats, t0, on_commit, on_pro
         need_labels: set[int] = set()
         if classifier is not None:
             if writer.manifest.classifier not in (None, classifier.config.model):
-                writer.db.execute("DELETE FROM labels")  # another classifier's tags: every photo is tagged anew
+                catalog.clear_labels(writer.db)  # another classifier's tags: every photo is tagged anew
             writer.manifest.classifier = classifier.config.model
             need_labels = writer.unlabelled()
         need_objects: set[int] = set()

@@ -15,20 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer import catalog
+from indexer.catalog import CATALOG_FILE
 from indexer.errors import DinosearchError, IndexFormatError
-from indexer.store import (
-    CATALOG_FILE,
-    GLOBAL_FILE,
-    MAX_OBJECTS,
-    OBJECT_FILE,
-    PATCH_FILE,
-    Manifest,
-    Writer,
-    file_digest,
-    index_ids,
-    read_index,
-    seg_name,
-)
+from indexer.faissio import file_digest, index_ids, read_index
+from indexer.manifest import GLOBAL_FILE, MAX_OBJECTS, OBJECT_FILE, PATCH_FILE, Manifest
+from indexer.snapshot import seg_name
+from indexer.writer import Writer
 
 
 @dataclass
@@ -83,23 +76,22 @@ def _catalog_problems(db: sqlite3.Connection, m: Manifest, where: str) -> list[s
     """The catalog against itself: SQLite's check, ids below next_id, vec/objvec rows only for photos that have
     vectors, and only naming live segments."""
     problems = []
-    if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+    if not catalog.integrity_ok(db):
         problems.append(f"{where} fails SQLite's integrity check")
-    top = db.execute("SELECT max(id) FROM photos").fetchone()[0]
+    top = catalog.max_photo_id(db)
     if top is not None and top >= m.next_id:
         problems.append(f"manifest next_id {m.next_id} is not above the largest photo id {top}")
     live = {s["seg"] for s in m.segments}
-    for table, what, f in (("vec", "photos p WHERE p.status='indexed'", GLOBAL_FILE), ("objvec", "segmented p", OBJECT_FILE)):
-        orphan = db.execute(f"SELECT count(*), min(v.photo_id) FROM {table} v WHERE v.photo_id NOT IN "
-                            f"(SELECT {'p.id' if table == 'vec' else 'p.photo_id'} FROM {what})").fetchone()
+    for table, f in (("vec", GLOBAL_FILE), ("objvec", OBJECT_FILE)):
+        orphan = catalog.orphan_rows(db, table)
         if orphan[0]:
             problems.append(f"{where}: {orphan[0]} {table} rows name photos without vectors (e.g. {orphan[1]})")
-        segs = {s for (s,) in db.execute(f"SELECT DISTINCT seg FROM {table}")}
+        segs = catalog.live_segments(db, table)
         holding = {s["seg"] for s in m.segments if f in s["files"]}
         if segs - holding:
             problems.append(f"{where}: {table} names segments the live manifest does not hold {sorted(segs - holding)[:5]} "
                             f"(live: {sorted(live)[:5]})")
-    missing = db.execute("SELECT count(*), min(id) FROM photos WHERE status='indexed' AND id NOT IN (SELECT photo_id FROM vec)").fetchone()
+    missing = catalog.without_vectors(db)
     if missing[0]:
         problems.append(f"{where}: {missing[0]} indexed photos have no vectors recorded (e.g. {missing[1]})")
     return problems
@@ -131,28 +123,23 @@ def _index_problems(root: Path) -> tuple[list[str], dict[str, int], Manifest | N
     counts: dict[str, int] = {}
     path = root / CATALOG_FILE
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-        db.execute("BEGIN")  # one commit's view, whatever a writer does meanwhile
-        row = db.execute("SELECT manifest FROM commits ORDER BY gen DESC LIMIT 1").fetchone()
+        db = catalog.open_read(root)  # one commit's view, whatever a writer does meanwhile
+        row = next(iter(catalog.latest_manifests(db)), None)
     except sqlite3.DatabaseError as e:
         return [f"{path} is not a readable catalog: {e}"], counts, None, bad
     if row is None:
         return [f"{path} holds no commit"], counts, None, bad
     try:
-        m = Manifest.from_json(row[0], str(path))
+        m = Manifest.from_json(row, str(path))
     except IndexFormatError as e:
         return [str(e)], counts, None, bad
     try:
         problems += _catalog_problems(db, m, str(path))
-        rows = db.execute("SELECT id, status FROM photos").fetchall()
+        rows = catalog.photo_status(db)
         indexed = np.array(sorted(i for i, s in rows if s == "indexed"), np.int64)
         counts.update(photos_indexed=len(indexed), photos_failed=sum(s == "failed" for _, s in rows), segments=len(m.segments))
-        object_rows = np.array(sorted(i for (i,) in db.execute("SELECT id FROM objects")), np.int64)
-        where = {}
-        for table in ("vec", "objvec"):
-            vr = np.array(db.execute(f"SELECT photo_id, seg FROM {table}").fetchall(), np.int64).reshape(-1, 2)
-            where[table] = np.zeros(max(m.next_id, int(vr[:, 0].max(initial=0)) + 1), np.int64)
-            where[table][vr[:, 0]] = vr[:, 1]
+        object_rows = np.array(sorted(catalog.object_ids(db)), np.int64)
+        where = {table: catalog.segment_of(db, table, m.next_id) for table in ("vec", "objvec")}
         db.close()
     except sqlite3.DatabaseError as e:
         return problems + [f"{path} is not a readable catalog: {e}"], counts, m, bad
@@ -206,8 +193,8 @@ def _store_problems(root: Path, repair: bool) -> tuple[list[str], list[str]]:
         m = Manifest.load_current(root)
         if not m.store:
             return [], []
-        db = sqlite3.connect(f"file:{root / CATALOG_FILE}?mode=ro", uri=True)
-        indexed = np.array(sorted(i for (i,) in db.execute("SELECT id FROM photos WHERE status='indexed'")), np.int64)
+        db = catalog.connect_ro(root)
+        indexed = np.array(catalog.indexed_ids(db), np.int64)
         db.close()
         store = open_store(m.store, m.dim)
     except (IndexFormatError, sqlite3.DatabaseError):
@@ -262,8 +249,8 @@ def verify(root: str | os.PathLike, *, repair: bool = False) -> Report:
     bad = sorted(bad & named)
     if repair and bad:
         with Writer(root, None) as w:
-            photos = [i for (i,) in w.db.execute(f"SELECT photo_id FROM vec WHERE seg IN ({','.join('?' * len(bad))})", bad)]
-            objs = [i for (i,) in w.db.execute(f"SELECT photo_id FROM objvec WHERE seg IN ({','.join('?' * len(bad))})", bad)]
+            photos = catalog.photos_in_segments(w.db, "vec", bad)
+            objs = catalog.photos_in_segments(w.db, "objvec", bad)
             w.delete(photos)
             w.forget_objects(objs)
             w.manifest.segments = [s for s in w.manifest.segments if s["seg"] not in bad]

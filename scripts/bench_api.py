@@ -66,8 +66,9 @@ print(json.dumps({"lat": lat, "errors": errors[0], "seconds": time.perf_counter(
 
 def build_index(idx: Path, photos: int) -> Path:
     from indexer.embedder import Embedder, EmbedderConfig
-    from indexer.store import Manifest, Writer
+    from indexer.manifest import Manifest
     from indexer.testing import save_random_model
+    from indexer.writer import Writer
 
     model = save_random_model(idx.parent / "tiny-model", "tiny")
     e = Embedder(EmbedderConfig(model=str(model), device="cpu"))

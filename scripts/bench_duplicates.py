@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SAMPLE = REPO / "data" / "caltech101-sample" / "images"
 
-from indexer.store import choose_kind, make_index  # noqa: E402
+from indexer import catalog  # noqa: E402
+from indexer.faissio import choose_kind, make_index  # noqa: E402
 from search.duplicates import DuplicateConfig, candidate_pairs, join_pairs, verify, verify_pairs  # noqa: E402
 
 TRANSFORMS = ["exact re-save", "jpeg q30", "resize 50%", "format change", "exif rotation", "mirror", "crop 90%",
@@ -242,7 +243,7 @@ def scale(n: int, dim: int, k: int, nprobe: int, sample: int, engine, pairs_to_t
     print(f"    recall of planted pairs (cosine >= {floor:.3f}) {planted_found:.4f}; recall vs exact range search "
           f"(cos >= {max(cfg.min_cosine, floor):.3f}) on {len(q)} queries: {rec:.4f} of {len(truth)} pairs", flush=True)
     if engine is not None:
-        ids_e = np.array([i for (i,) in engine.db.execute("SELECT id FROM photos WHERE status='indexed'")])
+        ids_e = np.array(catalog.indexed_ids(engine.db))
         xp = engine.photo_patches(ids_e)
         g = engine.manifest.grid
         a, b = rng.integers(0, len(ids_e), (2, pairs_to_time))

@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_search import clustered, unit  # noqa: E402
 
 from indexer.compact import compact  # noqa: E402
+from indexer.manifest import Manifest  # noqa: E402
 from indexer.reader import PhotoMeta  # noqa: E402
-from indexer.store import Manifest, Writer  # noqa: E402
+from indexer.writer import Writer  # noqa: E402
 from search import Engine, EngineConfig, Example, Filters, SearchQuery  # noqa: E402
 
 BASE = dt.datetime(2000, 1, 1)

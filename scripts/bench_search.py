@@ -36,8 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from indexer.compact import compact  # noqa: E402
+from indexer.faissio import make_index  # noqa: E402
+from indexer.manifest import Manifest  # noqa: E402
 from indexer.segments import HNSW_EF_SEARCH  # noqa: E402
-from indexer.store import Manifest, Writer, make_index  # noqa: E402
+from indexer.writer import Writer  # noqa: E402
 from search import Engine  # noqa: E402
 
 D = 384

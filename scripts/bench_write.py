@@ -42,7 +42,8 @@ def written() -> int:
 
 def measure(work: Path, n: int, dim: int, grid: int, batch: int, repeat: int, fill_commit: int) -> dict:
     """Runs inside the source tree on sys.path (this one or --baseline-src)."""
-    from indexer.store import Manifest, Writer
+    from indexer.manifest import Manifest
+    from indexer.writer import Writer
 
     m = Manifest(model="synthetic", model_type="dinov2", revision=None, dim=dim, patch_size=14, num_registers=0,
                  resolution=grid * 14, grid=grid, mean=(0.0,) * 3, std=(1.0,) * 3, precision="fp32", fingerprint=[0.0] * dim)

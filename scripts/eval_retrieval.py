@@ -33,10 +33,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from indexer import catalog  # noqa: E402
 from indexer.embedder import Embedder, EmbedderConfig  # noqa: E402
+from indexer.faissio import make_index  # noqa: E402
 from indexer.reader import EXTENSIONS  # noqa: E402
 from indexer.runner import IndexConfig, index_folder  # noqa: E402
-from indexer.store import make_index  # noqa: E402
 from search import Engine  # noqa: E402
 from search.metrics import knn_recall, summarize  # noqa: E402
 
@@ -81,7 +82,7 @@ def main() -> None:
     stats = index_folder(folder, idx, embedder, IndexConfig(progress=True))
     print(f"indexed {stats.indexed} new, {stats.unchanged} unchanged, {stats.failed} failed ({idx})")
     engine = Engine(idx, embedder=embedder)
-    rows = engine.db.execute("SELECT id, path FROM photos WHERE status='indexed'").fetchall()
+    rows = catalog.indexed_paths(engine.db)
     by_rel = {}
     for i, p in rows:
         rel = str(Path(os.fsdecode(p)).relative_to(folder.absolute()))

@@ -4,7 +4,7 @@ Read once per commit an Engine holds (its read transaction keeps the rows still)
 numpy passes over arrays indexed by photo id instead of listing the passing photos in SQL each time. Strings
 are category codes: a camera substring or a folder prefix is tested once per distinct string, then the codes are
 looked up; dates are codes into their sorted distinct values, so a range is two binary searches. The semantics
-are the SQL's (``Engine._filter_sql``, which ``Engine.browse`` still uses): a photo without the field never
+are the SQL's (``indexer.catalog.filter_sql``, which ``Engine.browse`` still uses): a photo without the field never
 passes, text comparisons fold ASCII case only (SQLite's lower() and NOCASE).
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from indexer import catalog
 from search.query import Filters, great_circle_km
 
 
@@ -53,14 +54,14 @@ class Columns:
     @classmethod
     def read(cls, db: sqlite3.Connection) -> Columns:
         ids, status = [], []
-        for i, s in db.execute("SELECT id, status FROM photos"):
+        for i, s in catalog.photo_status(db):
             ids.append(i)
             status.append(s == "indexed")
         top = max(ids, default=0) + 1
         indexed = np.zeros(top, bool)
         indexed[np.array(ids, np.int64)] = status
-        tables = {t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        rows = db.execute("SELECT photo_id, taken, make, model, lat, lon, folder FROM meta").fetchall() if "meta" in tables else []
+        tables = catalog.tables(db)
+        rows = catalog.meta_columns(db) if "meta" in tables else []
         pid, taken, make, model, lat, lon, folder = (list(c) for c in zip(*rows)) if rows else ([],) * 7
         pid = np.array(pid, np.int64)
         keep = pid < top  # a meta row always has its photo; guard the arrays anyway
@@ -78,7 +79,7 @@ class Columns:
         cam, cameras = _codes([None if mk is None and md is None else _ascii_lower(f"{mk or ''} {md or ''}")
                                for mk, md in zip(make, model)])
         fold, folders = _codes([bytes(f) for f in folder])
-        labels = db.execute("SELECT photo_id, label FROM labels").fetchall() if "labels" in tables else []
+        labels = catalog.photo_labels(db) if "labels" in tables else []
         lcode, names = _codes([lab for _, lab in labels])
         return cls(indexed, "meta" in tables, has_meta, column(tcode, np.int32, -1), uniq, column(cam, np.int32, -1),
                    cameras, column(np.array([np.nan if v is None else v for v in lat], float), float, np.nan),

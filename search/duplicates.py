@@ -32,6 +32,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from indexer import catalog
 from indexer.errors import DinosearchError
 from indexer.segments import SegmentedIndex
 
@@ -430,27 +431,12 @@ class Photo:
         return self.width * self.height
 
 
-def _exif_counts(db: sqlite3.Connection, ids: list[int]) -> dict[int, int]:
-    """EXIF fields each photo's header filled (the catalog's `meta` table: a date from EXIF, not the file's
-    mtime; make; model; GPS position; orientation). A catalog from before metadata: {} (the criterion is skipped)."""
-    q = ",".join("?" * len(ids))
-    sql = (f"SELECT photo_id, (taken_source IS NOT NULL AND taken_source != 'mtime') + (make IS NOT NULL) + "
-           f"(model IS NOT NULL) + (lat IS NOT NULL AND lon IS NOT NULL) + (orientation IS NOT NULL) "
-           f"FROM meta WHERE photo_id IN ({q})")
-    try:
-        return dict(db.execute(sql, ids).fetchall())
-    except sqlite3.Error:
-        return {}
-
-
 def load_photos(db: sqlite3.Connection, ids: list[int]) -> dict[int, Photo]:
     """Catalog rows of indexed photos, with whether each file is still there as it was indexed."""
     out: dict[int, Photo] = {}
     for s in range(0, len(ids), 500):
         chunk = [int(i) for i in ids[s:s + 500]]
-        q = ",".join("?" * len(chunk))
-        for i, p, size, mt, h, w, hh in db.execute(
-                f"SELECT id, path, size, mtime_ns, hash, width, height FROM photos WHERE status='indexed' AND id IN ({q})", chunk):
+        for i, p, size, mt, h, w, hh in catalog.photo_rows(db, chunk):
             path = os.fsdecode(p)
             try:
                 st = os.stat(path)
@@ -458,7 +444,7 @@ def load_photos(db: sqlite3.Connection, ids: list[int]) -> dict[int, Photo]:
             except OSError:
                 present = False
             out[i] = Photo(i, path, w or 0, hh or 0, size, mt, h, present=present)
-        for i, n in _exif_counts(db, chunk).items():
+        for i, n in catalog.exif_counts(db, chunk).items():
             if i in out:
                 out[i].exif = int(n)
     return out
@@ -629,7 +615,7 @@ def group_links(links: list[Link]) -> list[list[int]]:
 def find_links(engine, config: DuplicateConfig = DuplicateConfig(), *, only: list[int] | None = None,
                finder: _Finder | None = None, block: int = 256) -> tuple[list[Link], dict[int, Photo]]:
     """Verified links between indexed photos (``only``: the links of these photos, to any indexed photo)."""
-    from indexer.store import reconstruct_all
+    from indexer.faissio import reconstruct_all
 
     gi = engine.global_index
     if gi.ntotal < 2:
@@ -643,8 +629,7 @@ def find_links(engine, config: DuplicateConfig = DuplicateConfig(), *, only: lis
         pairs, cos = candidate_pairs(gi, ids, xb, config.k, config.min_cosine, nprobe=config.nprobe)
     # same content hash: exact whatever the candidate stage found
     db = engine.db
-    hashed = db.execute("SELECT hash, group_concat(id) FROM photos WHERE status='indexed' AND hash IS NOT NULL "
-                        "GROUP BY hash HAVING count(*) > 1").fetchall()
+    hashed = catalog.same_hash_groups(db)
     extra = []
     want = None if only is None else set(int(i) for i in only)
     for _, group in hashed:
@@ -729,7 +714,7 @@ def duplicates_of(engine, photo_id: int, config: DuplicateConfig = DuplicateConf
 def added_links(engine, since_id: int, config: DuplicateConfig = DuplicateConfig()) -> tuple[list[Link], dict[int, Photo]]:
     """Verified links of the photos added since ``since_id`` (ids are allocated in order) to any indexed photo:
     what `index --check-duplicates` reports at add time, at the cost of those photos' candidates only."""
-    new = [i for (i,) in engine.db.execute("SELECT id FROM photos WHERE status='indexed' AND id >= ? ORDER BY id", (int(since_id),))]
+    new = catalog.indexed_ids(engine.db, since_id)
     if not new:
         return [], {}
     links, photos = find_links(engine, config, only=new)

@@ -19,12 +19,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from indexer import catalog
 from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import DinosearchError, IndexFormatError
+from indexer.manifest import MAX_OBJECTS
 from indexer.objects import Mask, Segmenter, SegmenterConfig, crop_object
 from indexer.reader import DEFAULT_MAX_PIXELS, decode_both, load_query, read_file
 from indexer.segments import only_ids  # noqa: F401  (re-exported: searches restricted to ids)
-from indexer.store import MAX_OBJECTS, Snapshot, live_generation
+from indexer.snapshot import Snapshot, live_generation
 from search.columns import Columns
 from search.query import BadQuery, Example, Filters, SearchQuery, great_circle_km
 from search.region import BadRegion, box_to_mask, late_interaction, late_interaction_scores, localize, pixel_mask_to_grid
@@ -113,9 +115,6 @@ class PhotoInfo:
     lat: float | None
     lon: float | None
     folder: str | None
-
-
-BROWSE_ORDER = {"taken": "m.taken IS NULL, m.taken", "added": "p.id", "path": "p.path"}
 
 
 @dataclass(frozen=True)
@@ -288,31 +287,21 @@ class Engine:
     def path_of(self, photo_ids: list[int]) -> dict[int, str]:
         if not photo_ids:
             return {}
-        q = ",".join("?" * len(photo_ids))
-        rows = self.db.execute(f"SELECT id, path FROM photos WHERE id IN ({q})", [int(i) for i in photo_ids])
-        return {i: os.fsdecode(p) for i, p in rows}
-
-    def _catalog_query(self, sql: str, args: list) -> list[tuple]:
-        try:
-            return self.db.execute(sql, args).fetchall()
-        except sqlite3.OperationalError:  # a catalog from before class tags / objects existed
-            return []
+        return catalog.paths_of(self.db, photo_ids)
 
     def photos_with_label(self, label: str) -> set[int]:
         """Photos with ``label`` among their class tags (case-insensitive)."""
-        return {i for (i,) in self._catalog_query("SELECT DISTINCT photo_id FROM labels WHERE label = ? COLLATE NOCASE", [label])}
+        return catalog.photos_with_label(self.db, label)
 
     def labels_of(self, photo_ids: list[int]) -> dict[int, list[tuple[str, float]]]:
-        q = ",".join("?" * len(photo_ids))
         out: dict[int, list[tuple[str, float]]] = {}
-        for i, lab, p in self._catalog_query(f"SELECT photo_id, label, prob FROM labels WHERE photo_id IN ({q}) ORDER BY photo_id, rank",
-                                            [int(i) for i in photo_ids]):
+        for i, lab, p in catalog.labels_of(self.db, photo_ids):
             out.setdefault(i, []).append((lab, p))
         return out
 
     def label_counts(self, limit: int = 50) -> list[tuple[str, int]]:
         """Most frequent top-1 tags: (label, photos)."""
-        return self._catalog_query("SELECT label, count(*) AS n FROM labels WHERE rank = 0 GROUP BY label ORDER BY n DESC, label LIMIT ?", [limit])
+        return catalog.label_counts(self.db, limit)
 
     def _allowed(self, allowed: Allowed, label: str | None) -> Passing | np.ndarray | None:
         """``allowed`` as sorted ids (a Passing as it is), narrowed to the photos tagged ``label`` (UnknownLabel if
@@ -325,7 +314,7 @@ class Engine:
 
     def _unknown_label(self, label: str) -> None:
         """Raise UnknownLabel for a label no photo carries, naming the tags near it."""
-        labels = [lab for (lab,) in self._catalog_query("SELECT DISTINCT label FROM labels", [])]
+        labels = catalog.label_names(self.db)
         if not labels:
             raise UnknownLabel(f"no photo has class tags, so --label {label!r} matches nothing: "
                                f"tag the index with `dinosearch index FOLDER --index {self.root} --classify`")
@@ -335,35 +324,6 @@ class Engine:
         raise UnknownLabel(f"no photo is tagged {label!r}; tags near it: {', '.join(near)} (`dinosearch info` lists the common ones)")
 
     # -- filters and browsing (the catalog's meta table, filled by the indexer from each photo's header)
-
-    def _filter_sql(self, f: Filters) -> tuple[str, list]:
-        """WHERE clause over photos p LEFT JOIN meta m for every filter but the distance (checked in numpy)."""
-        conds, args = ["p.status = 'indexed'"], []
-        self._check_filters(f)
-        if f.label:
-            conds.append("p.id IN (SELECT photo_id FROM labels WHERE label = ? COLLATE NOCASE)")
-            args.append(f.label)
-        if f.taken_after:
-            conds.append("m.taken >= ?")
-            args.append(f.taken_after)
-        if f.taken_before:
-            conds.append("m.taken < ?")
-            args.append(f.taken_before)
-        if f.camera:
-            conds.append("coalesce(m.make, m.model) IS NOT NULL AND "  # without a camera, never (not even for " ")
-                         "instr(lower(coalesce(m.make, '') || ' ' || coalesce(m.model, '')), lower(?)) > 0")
-            args.append(f.camera)
-        if f.folder:
-            top = os.fsencode(os.path.abspath(os.path.expanduser(f.folder))).rstrip(b"/") or b"/"
-            below = top if top == b"/" else top + b"/"
-            conds.append("(m.folder = ? OR substr(m.folder, 1, ?) = ?)")
-            args += [top, len(below), below]
-        if f.near:
-            lat, _, km = f.near
-            band = km / 111.0 + 0.01  # degrees of latitude the radius can span (1 degree >= 110.5 km)
-            conds.append("m.lat BETWEEN ? AND ? AND m.lon IS NOT NULL")
-            args += [lat - band, lat + band]
-        return " AND ".join(conds), args
 
     def _check_filters(self, f: Filters) -> None:
         """UnknownLabel for a label no photo carries; BadQuery for a metadata filter on a catalog without metadata."""
@@ -406,39 +366,24 @@ class Engine:
                limit: int = 100) -> tuple[int, list[PhotoInfo]]:
         """A page of the indexed photos ``f`` lets through, without a query: (how many pass, the page).
         ``sort``: taken (photos without a date last, whatever the order), added (indexing order) or path."""
-        if sort not in BROWSE_ORDER:
-            raise BadQuery(f"sort must be one of {', '.join(BROWSE_ORDER)}, got {sort!r}")
+        if sort not in catalog.BROWSE_ORDER:
+            raise BadQuery(f"sort must be one of {', '.join(catalog.BROWSE_ORDER)}, got {sort!r}")
         if order not in ("asc", "desc"):
             raise BadQuery(f"order must be asc or desc, got {order!r}")
         if offset < 0 or limit < 0:
             raise BadQuery(f"offset and limit must be >= 0, got {offset}, {limit}")
-        where, args = self._filter_sql(f)
-        has_meta, cols, join = self._info_columns()
-        keys = BROWSE_ORDER[sort] if has_meta or sort != "taken" else "p.id"
-        direction = "DESC" if order == "desc" else "ASC"
-        by = ", ".join(f"{c} {direction}" if not c.endswith("IS NULL") else c for c in keys.split(", "))
-        sql = f"SELECT p.id, p.path, p.width, p.height, {cols} FROM photos p {join} WHERE {where} ORDER BY {by}, p.id {direction}"
+        self._check_filters(f)
         if f.near:
-            rows = self._near(self.db.execute(sql, args).fetchall(), f, 8, 9)
+            rows = self._near(catalog.browse_all(self.db, f, sort, order), f, 8, 9)
             total, rows = len(rows), rows[offset:offset + limit]
         else:
-            total = self.db.execute(f"SELECT count(*) FROM photos p {join} WHERE {where}", args).fetchone()[0]
-            rows = self.db.execute(f"{sql} LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+            total, rows = catalog.browse_page(self.db, f, sort, order, offset, limit)
         return total, self._infos(rows)
 
     def photo_info(self, photo_id: int) -> PhotoInfo | None:
         """One indexed photo's catalog row and metadata (None if no indexed photo has this id)."""
-        _, cols, join = self._info_columns()
-        rows = self.db.execute(f"SELECT p.id, p.path, p.width, p.height, {cols} FROM photos p {join} "
-                               "WHERE p.id = ? AND p.status = 'indexed'", [photo_id]).fetchall()
+        rows = catalog.photo_info(self.db, photo_id)
         return self._infos(rows)[0] if rows else None
-
-    def _info_columns(self) -> tuple[bool, str, str]:
-        """(whether the catalog has metadata, the PhotoInfo columns after p.id, p.path, p.width, p.height, the join)."""
-        has_meta = bool(self._catalog_query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'", []))
-        cols = ("m.taken, m.taken_source, m.make, m.model, m.lat, m.lon, m.folder" if has_meta
-                else "NULL, NULL, NULL, NULL, NULL, NULL, NULL")
-        return has_meta, cols, "LEFT JOIN meta m ON m.photo_id = p.id" if has_meta else ""
 
     @staticmethod
     def _infos(rows) -> list[PhotoInfo]:
@@ -448,9 +393,7 @@ class Engine:
     def photo_size(self, photo_ids: list[int]) -> dict[int, tuple[int, int]]:
         if not photo_ids:
             return {}
-        q = ",".join("?" * len(photo_ids))
-        rows = self.db.execute(f"SELECT id, width, height FROM photos WHERE id IN ({q})", [int(i) for i in photo_ids])
-        return {i: (w, h) for i, w, h in rows}
+        return catalog.sizes_of(self.db, photo_ids)
 
     def photo_patches(self, photo_ids: list[int] | np.ndarray) -> np.ndarray:
         """Stored patch vectors of photos: [n, grid*grid, D] (decoded from the patch index)."""
@@ -471,18 +414,14 @@ class Engine:
         """Stored SAM objects of photos: {photo id: [{id, box, score, mask}], best first}."""
         if not photo_ids:
             return {}
-        q = ",".join("?" * len(photo_ids))
         out: dict[int, list[dict]] = {}
-        for oid, pid, x0, y0, x1, y1, score, mask in self._catalog_query(
-                f"SELECT id, photo_id, x0, y0, x1, y1, score, mask FROM objects WHERE photo_id IN ({q}) ORDER BY id",
-                [int(i) for i in photo_ids]):
+        for oid, pid, x0, y0, x1, y1, score, mask in catalog.objects_of(self.db, photo_ids):
             out.setdefault(pid, []).append({"id": oid, "box": (round(x0), round(y0), round(x1), round(y1)),
                                             "score": score, "mask": json.loads(mask)})
         return out
 
     def object_count(self) -> int:
-        rows = self._catalog_query("SELECT count(*) FROM objects", [])
-        return int(rows[0][0]) if rows else 0
+        return catalog.object_count(self.db)
 
     def photo_vector(self, photo_id: int) -> np.ndarray:
         try:
@@ -641,7 +580,7 @@ class Engine:
         if allowed is not None and len(allowed) <= n_cand:
             cand = allowed  # few enough to score them all exactly
         elif n_cand >= n:
-            cand = np.array([i for (i,) in self.db.execute("SELECT id FROM photos WHERE status='indexed' ORDER BY id")], np.int64)
+            cand = np.array(catalog.indexed_ids(self.db), np.int64)
         else:
             if self.vectors is not None:
                 D, I = self.vectors.search("patches", xq, patch_k, photos=allowed)
@@ -905,8 +844,7 @@ class Engine:
         """For each photo, the cosine of its stored object most like ``v`` [D] and that object's id
         (-1 and -1 for a photo without objects)."""
         pid = np.asarray(photo_ids, np.int64)
-        q = ",".join("?" * len(pid))
-        rows = np.array(self._catalog_query(f"SELECT id, photo_id FROM objects WHERE photo_id IN ({q})", pid.tolist())
+        rows = np.array(catalog.object_photos(self.db, pid.tolist())
                         if len(pid) else [], np.int64).reshape(-1, 2)
         score, best = np.full(len(pid), -1.0, np.float32), np.full(len(pid), -1, np.int64)
         if len(rows) == 0:

@@ -14,8 +14,9 @@ from PIL import Image
 
 from indexer.classifier import Classifier, ClassifierConfig
 from indexer.errors import WeightsUnavailable
+from indexer.faissio import reconstruct_all
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import Snapshot, reconstruct_all
+from indexer.snapshot import Snapshot
 from indexer.testing import save_random_classifier
 from search import Engine, UnknownLabel
 

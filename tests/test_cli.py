@@ -16,7 +16,7 @@ import pytest
 from conftest import sample_photos
 from test_index import assert_consistent, catalog_rows
 
-from indexer.store import live_generation
+from indexer.snapshot import live_generation
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -28,7 +28,7 @@ from api.app import _status, create_app, host_names
 from api.settings import Settings
 from indexer.errors import IndexWriteError
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import Snapshot
+from indexer.snapshot import Snapshot
 from indexer.verify import verify
 
 TOKEN = "t0ken-for-the-tests-0123456789"

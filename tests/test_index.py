@@ -13,11 +13,13 @@ from PIL import Image
 
 from indexer.embedder import Embedder, EmbedderConfig
 from indexer.errors import IndexBusy, ModelMismatch
+from indexer.faissio import index_ids
 from indexer.reader import load_query
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import Snapshot, Writer, index_ids, live_generation
+from indexer.snapshot import Snapshot, live_generation
 from indexer.testing import save_random_model
 from indexer.verify import verify
+from indexer.writer import Writer
 from search import Engine
 
 CFG = IndexConfig(batch_size=8, workers=1, progress=False)
@@ -168,7 +170,7 @@ def test_one_writer_at_a_time_and_readers_keep_their_snapshot(photos, embedder, 
     index_folder(photos, idx, embedder, CFG)
     reader = Engine(idx, embedder=embedder)
     n = len(reader)
-    from indexer.store import Manifest
+    from indexer.manifest import Manifest
 
     with Writer(idx, Manifest.for_embedder(embedder)) as w:
         with pytest.raises(IndexBusy):
@@ -205,12 +207,12 @@ def test_catalog_is_plain_sqlite(photos, embedder, tmp_path):
 def test_compaction_merges_segments_and_kinds_follow_the_collection_size(photos, embedder, tmp_path, monkeypatch):
     """Every run commits one small exact segment; compaction merges them into one sealed segment per kind, its kind
     (and IVF list count) chosen by the merged size, leaving tombstoned vectors behind; answers stay the same."""
-    import indexer.store as store
+    import indexer.faissio as faissio
     from indexer.compact import compact
 
-    monkeypatch.setattr(store, "PATCH_SQ8_MAX", 16 * 256)
-    monkeypatch.setattr(store, "PATCH_IVF_SQ8_MAX", 32 * 256)
-    monkeypatch.setattr(store, "GLOBAL_FLAT_MAX", 30)
+    monkeypatch.setattr(faissio, "PATCH_SQ8_MAX", 16 * 256)
+    monkeypatch.setattr(faissio, "PATCH_IVF_SQ8_MAX", 32 * 256)
+    monkeypatch.setattr(faissio, "GLOBAL_FLAT_MAX", 30)
     idx = tmp_path / "idx"
     files = sorted(photos.rglob("*.jpg"))
     first = files[0]
@@ -252,7 +254,7 @@ def test_compaction_merges_segments_and_kinds_follow_the_collection_size(photos,
 
 
 def assert_consistent_ivf(idx, n: int) -> None:
-    from indexer.store import index_ids
+    from indexer.faissio import index_ids
 
     snap = Snapshot.open(idx)
     g, p = index_ids(snap.global_index()), index_ids(snap.patch_index())  # live ids over all segments

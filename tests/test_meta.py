@@ -12,7 +12,8 @@ from PIL.TiffImagePlugin import IFDRational
 
 from indexer.reader import photo_meta, read_meta
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import Snapshot, Writer
+from indexer.snapshot import Snapshot
+from indexer.writer import Writer
 
 CFG = IndexConfig(batch_size=8, workers=0, progress=False)
 

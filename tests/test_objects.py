@@ -18,11 +18,14 @@ from PIL import Image
 from test_cli import ENV, run
 
 from indexer.errors import ConfigError
+from indexer.faissio import index_ids
+from indexer.manifest import MAX_OBJECTS, Manifest
 from indexer.objects import NEUTRAL, Mask, Segmenter, SegmenterConfig, box_nms, crop_object, mask_box, rle_decode, rle_encode
 from indexer.runner import IndexConfig, index_folder, store_objects
-from indexer.store import MAX_OBJECTS, Manifest, Snapshot, Writer, index_ids, live_generation
+from indexer.snapshot import Snapshot, live_generation
 from indexer.testing import save_random_sam
 from indexer.verify import verify
+from indexer.writer import Writer
 from search import Engine
 
 # random weights: SAM's confidences mean nothing, so keep every mask it makes

@@ -17,7 +17,7 @@ from conftest import sample_photos
 from indexer.pool import DecodePool, decoded_in_order
 from indexer.reader import DecodeJob, FileInfo
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import Snapshot
+from indexer.snapshot import Snapshot
 
 TIMEOUT = 0.5  # a small photo decodes in ~5 ms, the slow one below in ~1.5 s
 

@@ -281,7 +281,7 @@ def test_filter_columns_select_what_the_catalogs_sql_selects_and_search_inside_t
     from test_segments import add, manifest
 
     from indexer.reader import PhotoMeta
-    from indexer.store import Writer
+    from indexer.writer import Writer
 
     rng = np.random.default_rng(7)
     makes = [None, "Canon", "LEICA", "Leica Camera AG", "NIKON CORPORATION", "Ünïcode"]

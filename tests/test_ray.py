@@ -19,7 +19,7 @@ from test_cli import ENV, run
 from test_index import catalog_rows
 
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import Snapshot, live_generation
+from indexer.snapshot import Snapshot, live_generation
 from indexer.vectors import open_store
 from indexer.verify import verify
 

@@ -17,7 +17,7 @@ from test_index import assert_consistent, catalog_rows
 from api.app import create_app
 from api.settings import Settings
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import Snapshot
+from indexer.snapshot import Snapshot
 from indexer.verify import verify
 
 sys.path.insert(0, str(REPO / "scripts"))

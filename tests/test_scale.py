@@ -14,7 +14,8 @@ from test_index import catalog_rows
 
 from indexer.build import build_sharded, parse_memory, plan_kind
 from indexer.errors import ConfigError
-from indexer.store import Snapshot, make_index, on_disk_lists
+from indexer.faissio import make_index, on_disk_lists
+from indexer.snapshot import Snapshot
 from indexer.verify import verify
 
 

@@ -14,10 +14,14 @@ import faiss
 import numpy as np
 import pytest
 
+from indexer.catalog import SCHEMA
 from indexer.compact import compact
 from indexer.errors import IndexFormatError
-from indexer.store import SCHEMA, Manifest, Snapshot, Writer, index_ids
+from indexer.faissio import index_ids
+from indexer.manifest import Manifest
+from indexer.snapshot import Snapshot
 from indexer.verify import verify
+from indexer.writer import Writer
 
 D, G = 16, 4  # dims, patch grid
 

@@ -126,8 +126,9 @@ def test_index_and_serve_with_milvus_behind(photos, embedder, tiny_model, tmp_pa
     ra, rb = e.region(q, 5, box=(10, 10, 150, 120)), local.region(q, 5, box=(10, 10, 150, 120))
     assert [h.photo_id for h in ra][:3] == [h.photo_id for h in rb][:3]  # SQ8 codes locally, exact floats in Milvus
     # tags go to Milvus too, and filter there
-    from indexer.store import Manifest, Writer
+    from indexer.manifest import Manifest
     from indexer.vectors import open_store
+    from indexer.writer import Writer
 
     with Writer(idx, Manifest.load_current(idx), vectors=open_store(uri, embedder.dim)) as w:
         w.set_labels([1, 2, 9], [[("kayak", 0.9)], [("kayak", 0.5)], [("tree", 0.7)]])

@@ -17,7 +17,7 @@ from test_cli import ENV
 from test_index import assert_consistent, catalog_rows
 
 from indexer.runner import IndexConfig, index_folder
-from indexer.store import live_generation
+from indexer.snapshot import live_generation
 from indexer.watch import SIMULATE_LIMIT_ENV, WatchConfig, watch_folder
 
 CFG = IndexConfig(batch_size=4, workers=0, progress=False)
