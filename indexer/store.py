@@ -9,6 +9,8 @@
         global.faiss         CLS vectors, id = photo id
         patches.faiss        patch vectors, id = photo id * h*w + row*w + col
         objects.faiss        SAM object crops' CLS vectors, id = photo id * 256 + rank (catalog table objects)
+    IDX/seg-stage-*.tmp/     a segment a Ray worker wrote for the live writer (write_staged_segment); its next commit
+                             renames it to its number (Writer.adopt); any other writer's is a leftover, removed
 
 A commit writes the vectors added since the last one as a new segment (``seg-N.tmp``, fsynced, renamed), then
 commits the catalog's transaction, which also inserts the new manifest: that transaction is the atomic switch.
