@@ -392,7 +392,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         "classifier": m.classifier, "tags": dict(engine.label_counts(20)),
         "segmenter": (m.segmenter or {}).get("model"), "objects": engine.object_count(),
         "not_images": sum(m.not_images_total().values()), "not_images_by_extension": m.not_images_total(),
+        "store": m.store,
     }
+    if engine.vectors is not None:  # the kind of each of the store's collections, read from the store itself
+        info["store_kinds"] = {kind: engine.vectors.index_kind(kind) for kind in ("global", "patches", "objects")}
     failed = [(shown(os.fsdecode(p)), e) for p, e in catalog.failed_photos(engine.db)]
     if args.json:
         info["failed"] = [{"path": p, "error": e} for p, e in failed]
@@ -407,6 +410,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         elif key == "not_images_by_extension":
             if value:
                 print("  " + ", ".join(f"{ext or '(no extension)'} {n}" for ext, n in value.items()))
+        elif key == "store_kinds":
+            print(f"{key:<16} " + ", ".join(f"{k} {v}" for k, v in value.items()))
         elif key == "tags":
             if value:
                 print("tags (top-1)     " + ", ".join(f"{lab} {n}" for lab, n in value.items()))

@@ -153,10 +153,11 @@ def live_gen(db: sqlite3.Connection) -> int | None:
     return db.execute("SELECT max(gen) FROM commits").fetchone()[0]
 
 
-def add_commit(db: sqlite3.Connection, gen: int, manifest: str) -> None:
-    """Insert the new manifest (the live one once the transaction commits); keep only the previous commit's."""
+def add_commit(db: sqlite3.Connection, gen: int, manifest: str, *, keep_from: int | None = None) -> None:
+    """Insert the new manifest (the live one once the transaction commits); keep only the previous commit's
+    (``keep_from``: its generation, when generations skip numbers: segments adopted from Ray workers)."""
     db.execute("INSERT INTO commits (gen, manifest, time) VALUES (?,?,?)", (gen, manifest, time.time()))
-    db.execute("DELETE FROM commits WHERE gen < ?", (gen - 1,))
+    db.execute("DELETE FROM commits WHERE gen < ?", (gen - 1 if keep_from is None else keep_from,))
 
 
 def copy_format1(src: Path, dst: Path, manifest: str, *, vectors: bool, objects: bool) -> None:

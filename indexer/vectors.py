@@ -17,6 +17,7 @@ and the photos' class tags, so searches can be filtered by tag inside the store
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,9 +28,39 @@ import faiss
 import numpy as np
 
 from indexer.errors import ConfigError
+from indexer.faissio import GLOBAL_FLAT_MAX, HNSW_M, PATCH_SQ8_MAX
 
 KINDS = ("global", "patches", "objects")
 MAX_TAGS = 16
+# Milvus index kinds by collection size, as the FAISS segments choose theirs (faissio.choose_kind / seal_kind):
+# exact (FLAT) while small, then HNSW for global and object vectors, IVF over 8-bit codes (nlist ~ sqrt n) for
+# patches. Milvus Lite builds FLAT, IVF_FLAT, IVF_SQ8, HNSW, HNSW_SQ and AUTOINDEX (IVF_PQ is accepted at
+# creation but fails to build), so these all run on Lite as on a server. Module constants: tests lower them.
+MILVUS_FLAT_MAX = {"global": GLOBAL_FLAT_MAX, "objects": GLOBAL_FLAT_MAX, "patches": PATCH_SQ8_MAX}
+KIND_PROPERTY = "dinosearch_index"  # collection property naming its index kind (milvus_index's name)
+MILVUS_HNSW_EF = 128  # candidates an HNSW search keeps (as the FAISS HNSW segments)
+MILVUS_NPROBE = 32  # IVF lists a search visits
+
+
+def milvus_index(kind: str, n: int) -> tuple[str, str, dict]:
+    """(name, Milvus index type, build params) for a collection of ``kind`` holding n vectors. The name says the
+    kind and its parameters; it is kept in a collection property (describe_index does not return the params),
+    so `info` and `verify` read the kind back from the collection itself."""
+    if n <= MILVUS_FLAT_MAX[kind]:
+        return "FLAT", "FLAT", {}
+    if kind == "patches":
+        nlist = 1 << max(4, round(math.log2(math.sqrt(n))))
+        return f"IVF_SQ8_nlist{nlist}", "IVF_SQ8", {"nlist": nlist}
+    return f"HNSW_M{HNSW_M}", "HNSW", {"M": HNSW_M, "efConstruction": 200}
+
+
+def kinds_agree(have: str, want: str) -> bool:
+    """Whether a collection's index kind is the one its size calls for (an IVF's list count within 4x of it:
+    rebuilt only when the data has grown or shrunk that much, not at every commit)."""
+    ivf = "IVF_SQ8_nlist"
+    if have.startswith(ivf) and want.startswith(ivf):
+        return 0.25 < int(have[len(ivf):]) / int(want[len(ivf):]) < 4
+    return have == want
 
 
 class VectorStore(Protocol):
@@ -46,6 +77,9 @@ class VectorStore(Protocol):
     def get(self, kind: str, ids: np.ndarray) -> np.ndarray: ...
     def count(self, kind: str) -> int: ...
     def flush(self) -> None: ...
+    def index_kind(self, kind: str) -> str: ...
+    def wanted_kind(self, kind: str) -> str: ...
+    def fit_index(self, kind: str) -> bool: ...
 
 
 def _check_kind(kind: str) -> None:
@@ -134,6 +168,16 @@ class FaissStore:
         _check_kind(kind)
         return int(self.index[kind].ntotal)
 
+    def index_kind(self, kind) -> str:
+        """Always exact: the FAISS store is the simple reference store (the index's own segments choose kinds)."""
+        _check_kind(kind)
+        return "Flat"
+
+    wanted_kind = index_kind
+
+    def fit_index(self, kind) -> bool:
+        return False
+
     def flush(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         for kind in KINDS:
@@ -165,13 +209,53 @@ class MilvusStore:
             schema.add_field("photo", DataType.INT64)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
             schema.add_field("tags", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_TAGS, max_length=256)
-            index = self.client.prepare_index_params()
-            index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
-            self.client.create_collection(coll, schema=schema, index_params=index, consistency_level="Strong")
+            self.client.create_collection(coll, schema=schema, index_params=self._index_params(kind, 0), consistency_level="Strong")
+            self._record_kind(kind, 0)
+        self.kinds = {kind: self.index_kind(kind) for kind in KINDS}
 
     def _coll(self, kind: str) -> str:
         _check_kind(kind)
         return f"{self.name}_{kind}"
+
+    def _index_params(self, kind: str, n: int):
+        _, index_type, params = milvus_index(kind, n)
+        index = self.client.prepare_index_params()
+        index.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=params)
+        return index
+
+    def _record_kind(self, kind: str, n: int) -> None:
+        """Keep the kind's name in a collection property: describe_index gives the type, not its parameters."""
+        self.client.alter_collection_properties(self._coll(kind), properties={KIND_PROPERTY: milvus_index(kind, n)[0]})
+
+    def index_kind(self, kind) -> str:
+        """The kind of the collection's vector index, as milvus_index names it (recorded in the collection when it
+        was built; a collection from before has only its index type)."""
+        coll = self._coll(kind)
+        named = (self.client.describe_collection(coll).get("properties") or {}).get(KIND_PROPERTY)
+        if named:
+            return str(named)
+        names = self.client.list_indexes(coll)
+        return str(self.client.describe_index(coll, names[0])["index_type"]) if names else "none"
+
+    def wanted_kind(self, kind) -> str:
+        """The kind the collection's size calls for."""
+        return milvus_index(kind, self.count(kind))[0]
+
+    def fit_index(self, kind) -> bool:
+        """Rebuild the collection's index when its size calls for another kind (a threshold crossed, or an IVF's
+        list count off by 4x or more: nlist grows with the data); True if it was rebuilt."""
+        if kinds_agree(self.index_kind(kind), self.wanted_kind(kind)):
+            return False
+        coll = self._coll(kind)
+        self.client.release_collection(coll)
+        for name in self.client.list_indexes(coll):
+            self.client.drop_index(coll, name)
+        n = self.count(kind)
+        self.client.create_index(coll, self._index_params(kind, n))
+        self._record_kind(kind, n)
+        self.client.load_collection(coll)
+        self.kinds[kind] = self.index_kind(kind)
+        return True
 
     def _tags_of(self, photos: np.ndarray) -> dict[int, list[str]]:
         uniq = sorted({int(p) for p in photos})
@@ -235,8 +319,10 @@ class MilvusStore:
             filters.append(f"array_contains(tags, {json.dumps(tag)})")
         if k <= 0:
             return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
+        params = {"ef": max(MILVUS_HNSW_EF, int(k))} if self.kinds[kind].startswith("HNSW") else (
+            {"nprobe": MILVUS_NPROBE} if self.kinds[kind].startswith("IVF") else {})
         res = self.client.search(self._coll(kind), data=[q.tolist() for q in xq], limit=int(k), filter=" and ".join(filters),
-                                 output_fields=["photo"], search_params={"metric_type": "IP"})
+                                 output_fields=["photo"], search_params={"metric_type": "IP", "params": params})
         width = max((len(r) for r in res), default=0)
         D = np.full((len(xq), width), -np.inf, np.float32)
         I = np.full((len(xq), width), -1, np.int64)
@@ -258,8 +344,11 @@ class MilvusStore:
         return int(rows[0]["count(*)"])
 
     def flush(self) -> None:
+        """Make every write durable, then give each collection the index kind its size calls for (at a commit,
+        never per add)."""
         for kind in KINDS:
             self.client.flush(self._coll(kind))
+            self.fit_index(kind)
 
 
 def open_store(uri: str, dim: int) -> VectorStore:

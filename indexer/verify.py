@@ -186,8 +186,9 @@ def _index_problems(root: Path) -> tuple[list[str], dict[str, int], Manifest | N
 
 def _store_problems(root: Path, repair: bool) -> tuple[list[str], list[str]]:
     """The external vector store (Milvus) against the catalog: vectors of photos the catalog does not hold as indexed
-    (left by a run killed before its commit) and indexed photos without vectors. ``repair`` deletes the former."""
-    from indexer.vectors import open_store
+    (left by a run killed before its commit), indexed photos without vectors, and each collection's index kind
+    against the one its size calls for. ``repair`` deletes the former and rebuilds an index of the wrong kind."""
+    from indexer.vectors import KINDS, kinds_agree, open_store
 
     try:
         m = Manifest.load_current(root)
@@ -214,6 +215,16 @@ def _store_problems(root: Path, repair: bool) -> tuple[list[str], list[str]]:
         if len(missing):
             problems.append(f"{m.store} has no {kind} vectors for {len(missing)} indexed photos, e.g. {missing[:3].tolist()} "
                             f"(index the folder again with a new --index to rebuild the store)")
+    for kind in KINDS:  # each collection's index kind against the one its size calls for
+        have, want = store.index_kind(kind), store.wanted_kind(kind)
+        if kinds_agree(have, want):
+            continue
+        if repair:
+            store.fit_index(kind)
+            repaired.append(f"rebuilt the {kind} index of {m.store} as {store.index_kind(kind)} (it was {have})")
+        else:
+            problems.append(f"{m.store}: the {kind} collection's index is {have}, its {store.count(kind)} vectors call for "
+                            f"{want} (--repair rebuilds it)")
     if repaired:
         store.flush()
     return problems, repaired

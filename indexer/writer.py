@@ -9,6 +9,8 @@
         global.faiss         CLS vectors, id = photo id
         patches.faiss        patch vectors, id = photo id * h*w + row*w + col
         objects.faiss        SAM object crops' CLS vectors, id = photo id * 256 + rank (catalog table objects)
+    IDX/seg-stage-*.tmp/     a segment a Ray worker wrote for the live writer (write_staged_segment); its next commit
+                             renames it to its number (Writer.adopt); any other writer's is a leftover, removed
 
 A commit writes the vectors added since the last one as a new segment (``seg-N.tmp``, fsynced, renamed), then
 commits the catalog's transaction, which also inserts the new manifest: that transaction is the atomic switch.
@@ -24,8 +26,10 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +62,9 @@ class Writer:
         ``wait``: seconds to wait for another writer to finish before IndexBusy (compaction's short swap)."""
         self.vectors = vectors
         self.root = Path(root).expanduser().absolute()
+        self.staging_prefix = f"{STAGE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-"  # segments staged for this writer
+        self._staged: dict[str, int] = {}  # staged folder name -> the segment number it was given
+        self._to_place: list[dict] = []  # adopted staged segments the next commit names
         if self.root.exists() and not self.root.is_dir():
             raise IndexFormatError(f"{self.root} is a file, not an index directory")
         try:
@@ -114,6 +121,8 @@ class Writer:
 
     def close(self) -> None:
         self.db.close()  # an uncommitted transaction is rolled back: the catalog stays as the last commit left it
+        for p in self.root.glob(self.staging_prefix + "*"):  # staged for this writer, never named by a commit
+            shutil.rmtree(p, ignore_errors=True)
         self._unlock()
 
     def __enter__(self) -> Writer:
@@ -129,6 +138,8 @@ class Writer:
         for text in catalog.latest_manifests(self.db, 2):
             named |= {s["seg"] for s in json.loads(text).get("segments", [])}
         for p in self.root.glob("seg-*"):
+            if p.name.startswith(self.staging_prefix):
+                continue  # written for this writer by a worker, adopted (or not) by its next commits
             if p.name.endswith(".tmp") or int(p.name[4:10]) not in named:
                 shutil.rmtree(p, ignore_errors=True)
         for p in self.root.glob("snap-*"):  # a format-1 leftover (a kill inside the conversion's clean-up)
@@ -260,8 +271,7 @@ class Writer:
     # -- vectors
 
     def _patch_ids(self, photo_ids: np.ndarray) -> np.ndarray:
-        g = self.manifest.grid * self.manifest.grid
-        return (np.asarray(photo_ids, np.int64)[:, None] * g + np.arange(g, dtype=np.int64)[None, :]).ravel()
+        return patch_ids(photo_ids, self.manifest.grid)
 
     def _remove_vectors(self, photo_ids: list[int]) -> None:
         """Forget photos' global and patch vectors: their ``vec`` rows go (so what a segment holds of them is a
@@ -285,8 +295,8 @@ class Writer:
         ids = np.array([r[0] for r in rows], np.int64)
         flat = np.ascontiguousarray(patches.reshape(-1, m.dim), dtype=np.float32)
         if self.global_index is None:  # fresh segments are exact (SQ8 for patches); forced kinds are trained at commit
-            self.global_index = make_index("Flat", m.dim, None)
-            self.patch_index = make_index("SQ8", m.dim, flat)
+            self.global_index = make_index(FRESH_KINDS["global"], m.dim, None)
+            self.patch_index = make_index(FRESH_KINDS["patches"], m.dim, flat)
         replaced = catalog.indexed_among(self.db, ids.tolist())
         self._remove_vectors(replaced)
         self._remove_objects(replaced)  # a changed photo's objects are made again (or stay gone without --objects)
@@ -302,25 +312,8 @@ class Writer:
     def _seal_kinds(self) -> dict[str, faiss.Index]:
         """This commit's new indexes by kind, a forced (--kind) kind trained on the segment's own vectors."""
         m = self.manifest
-        out = {}
-        for kind, index, forced in (("global", self.global_index, m.kinds_forced[0]), ("patches", self.patch_index, m.kinds_forced[1]),
-                                    ("objects", self.object_index, None)):
-            if index is None or index.ntotal == 0:
-                continue
-            if forced and forced != ("SQ8" if kind == "patches" else "Flat"):
-                ids, xb = reconstruct_all(index)
-                sample = xb[np.random.default_rng(0).permutation(len(xb))[:TRAIN_SAMPLE]]
-                try:
-                    trained = make_index(forced, m.dim, sample)
-                except ConfigError:
-                    if not m.segments:
-                        raise  # the first commit tells at once that the kind cannot be trained on this collection
-                    log.info("%d %s vectors are too few to train %s: this segment stays exact until compaction", len(xb), kind, forced)
-                else:
-                    trained.add_with_ids(xb, ids)
-                    index = trained
-            out[kind] = index
-        return out
+        return seal_indexes({"global": self.global_index, "patches": self.patch_index, "objects": self.object_index},
+                            m.kinds_forced, m.dim, first=not m.segments)
 
     def replace_segments(self, inputs: list[int], built: Path, record: dict) -> None:
         """Compaction's swap: ``built`` (a directory of files holding the live vectors of ``inputs`` as of an
@@ -350,19 +343,11 @@ class Writer:
         seg = self.next_seg
         final = self.root / seg_name(seg)
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)
-        tmp.mkdir()
-        files = {}
-        for kind, index in indexes.items():
-            f = KIND_FILES[kind]
-            faiss.write_index(index, str(tmp / f))
-            fsync_file(tmp / f)
-            files[f] = file_digest(tmp / f)
-        fsync_dir(tmp)
+        record = write_segment_files(tmp, indexes)
         os.replace(tmp, final)
         fsync_dir(self.root)
-        return {"seg": seg, "files": files, "kinds": {k: kind_of(i) for k, i in indexes.items()}}
+        return {"seg": seg, **record}
 
     def commit(self) -> str | None:
         """Write the vectors added since the last commit as a new segment, then commit the catalog's transaction
@@ -373,10 +358,12 @@ class Writer:
         if self.vectors is not None:
             self.vectors.flush()  # the store holds everything the commit will name
         m = self.manifest
-        gen, before = self.next_seg, list(m.segments)
+        prev, before = m.gen, list(m.segments)
+        gen = self.next_seg + len(self._to_place)  # adopted segments are numbered after this writer's own
         try:
             if indexes:
                 m.segments = [*m.segments, self._write_segment(indexes)]
+            m.segments = [*m.segments, *self._place_staged()]
             named = [s["seg"] for s in m.segments]
             live = catalog.live_segments(self.db, "vec", named)
             live_obj = catalog.live_segments(self.db, "objvec", named)
@@ -392,26 +379,152 @@ class Writer:
             if not m.kinds_forced[1]:
                 m.patch_kind = _largest_kind(segments, "patches", "SQ8")
             m.object_kind = _largest_kind(segments, "objects", "Flat")
-            catalog.add_commit(self.db, gen, m.to_json())
+            catalog.add_commit(self.db, gen, m.to_json(), keep_from=prev)  # the previous commit's row stays
             self.db.commit()
         except (OSError, RuntimeError, sqlite3.Error) as e:  # FAISS reports write errors as RuntimeError
             with contextlib.suppress(sqlite3.Error):
                 self.db.rollback()
-            m.gen, m.segments = gen - 1, before
-            shutil.rmtree(self.root / (seg_name(gen) + ".tmp"), ignore_errors=True)
-            shutil.rmtree(self.root / seg_name(gen), ignore_errors=True)
+            m.gen, m.segments = prev, before
+            for seg in range(prev + 1, gen + 1):
+                shutil.rmtree(self.root / (seg_name(seg) + ".tmp"), ignore_errors=True)
+                shutil.rmtree(self.root / seg_name(seg), ignore_errors=True)
             code = getattr(e, "errno", None)
             e = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:200]
-            kept = f"the last commit (gen-{gen - 1:06d}) is intact" if gen > 1 else "nothing had been committed yet"
+            kept = f"the last commit (gen-{prev:06d}) is intact" if prev > 0 else "nothing had been committed yet"
             raise IndexWriteError(f"could not write a new snapshot in {self.root}: {e}; {kept}; "
                                   f"free space (or lift the limit) and run again to resume", errno=code) from None
         self.global_index = self.patch_index = self.object_index = None
+        self._to_place = []
         self.dirty = False
         self._clean()
         return f"gen-{gen:06d}"
+
+    # -- segments written by other processes (Ray workers)
+
+    def adopt(self, rows: list[tuple[int, str, int, int, str, int, int]], staged: dict,
+              vectors: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+        """Add (or replace) photos whose vectors a worker wrote as a staged segment (``write_staged_segment``'s
+        record): rows of (id, path, size, mtime_ns, hash, width, height), as ``add`` takes them. The segment is
+        named by the next commit, in the transaction that commits these rows. ``vectors`` (CLS, patches) are
+        only for an external store (the writer's own segments never see them). Returns the segment's number."""
+        name = staged["name"]
+        seg = self._staged.get(name)
+        if seg is None:
+            if not name.startswith(self.staging_prefix):
+                raise IndexWriteError(f"staged segment {name} was not written for this writer ({self.staging_prefix}*)")
+            for f, want in staged["files"].items():
+                path = self.root / name / f
+                if not path.is_file() or path.stat().st_size != want["size"]:
+                    raise IndexWriteError(
+                        f"{path}, written by process {staged.get('pid')} on {staged.get('host')}, is missing or not the size "
+                        f"it was written with: the index folder must be on storage every Ray node shares")
+            seg = self.next_seg + 1 + len(self._to_place)
+            self._staged[name] = seg
+            self._to_place.append({"seg": seg, "name": name, "files": staged["files"], "kinds": staged["kinds"],
+                                   "pid": staged.get("pid"), "host": staged.get("host")})
+        ids = np.array([r[0] for r in rows], np.int64)
+        replaced = catalog.indexed_among(self.db, ids.tolist())
+        self._remove_vectors(replaced)
+        self._remove_objects(replaced)
+        catalog.set_vec(self.db, ids, seg)
+        if self.vectors is not None:
+            if vectors is None:
+                raise IndexWriteError("this index has an external vector store: adopt() needs the photos' vectors for it")
+            cls, patches = vectors
+            flat = np.ascontiguousarray(patches.reshape(-1, self.manifest.dim), dtype=np.float32)
+            self.vectors.add("global", ids, ids, cls)
+            self.vectors.add("patches", self._patch_ids(ids), np.repeat(ids, self.manifest.grid ** 2), flat)
+        for r in rows:
+            self._upsert(*r, "indexed", None)
+        return seg
+
+    def _place_staged(self) -> list[dict]:
+        """Rename the adopted staged segments to their numbers (their files were fsynced by the worker)."""
+        out = []
+        for s in self._to_place:
+            os.replace(self.root / s["name"], self.root / seg_name(s["seg"]))
+            out.append({k: v for k, v in s.items() if k != "name"})
+        if out:
+            fsync_dir(self.root)
+        return out
 
 
 def _largest_kind(segments: list[dict], kind: str, default: str) -> str:
     """The kind of the segment with the most vectors of ``kind`` (what `info` reports)."""
     best = max((s for s in segments if kind in s["kinds"]), key=lambda s: s["files"][KIND_FILES[kind]]["size"], default=None)
     return best["kinds"][kind] if best else default
+
+
+# ---------------------------------------------------------------- writing a segment (a commit, or a Ray worker)
+
+FRESH_KINDS = {"global": "Flat", "patches": "SQ8", "objects": "Flat"}  # the kinds of a segment a run adds
+STAGE_PREFIX = "seg-stage-"  # + the writer's token + a unique part + ".tmp": a segment staged for a writer to adopt
+
+
+def patch_ids(photo_ids: np.ndarray, grid: int) -> np.ndarray:
+    """Patch vector ids of photos: photo id * grid^2 + row * grid + col."""
+    g = grid * grid
+    return (np.asarray(photo_ids, np.int64)[:, None] * g + np.arange(g, dtype=np.int64)[None, :]).ravel()
+
+
+def seal_indexes(indexes: dict[str, faiss.Index | None], forced: tuple[str | None, str | None], dim: int, *,
+                 first: bool) -> dict[str, faiss.Index]:
+    """A new segment's indexes by kind (empty ones left out), a forced (--kind) kind trained on the segment's own
+    vectors; ``first``: the index's first segment, where a kind that cannot be trained is an error at once
+    (later, too few vectors leave the segment exact until compaction)."""
+    out = {}
+    for kind, index in indexes.items():
+        if index is None or index.ntotal == 0:
+            continue
+        want = {"global": forced[0], "patches": forced[1]}.get(kind)
+        if want and want != FRESH_KINDS[kind]:
+            ids, xb = reconstruct_all(index)
+            sample = xb[np.random.default_rng(0).permutation(len(xb))[:TRAIN_SAMPLE]]
+            try:
+                trained = make_index(want, dim, sample)
+            except ConfigError:
+                if first:
+                    raise
+                log.info("%d %s vectors are too few to train %s: this segment stays exact until compaction", len(xb), kind, want)
+            else:
+                trained.add_with_ids(xb, ids)
+                index = trained
+        out[kind] = index
+    return out
+
+
+def write_segment_files(folder: Path, indexes: dict[str, faiss.Index]) -> dict:
+    """Write ``indexes`` as one segment's files in ``folder`` (made anew): each file fsynced, then the folder.
+    Returns the segment's record without its number: {"files": {name: size + blake2b}, "kinds": {kind: factory}}."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    files = {}
+    for kind, index in indexes.items():
+        f = KIND_FILES[kind]
+        faiss.write_index(index, str(folder / f))
+        fsync_file(folder / f)
+        files[f] = file_digest(folder / f)
+    fsync_dir(folder)
+    return {"files": files, "kinds": {k: kind_of(i) for k, i in indexes.items()}}
+
+
+def write_staged_segment(root: str | os.PathLike, prefix: str, ids: np.ndarray, cls: np.ndarray, patches: np.ndarray,
+                         forced: tuple[str | None, str | None] = (None, None)) -> dict:
+    """Write photos' global and patch vectors (ids [B], CLS [B, D], patches [B, h, w, D]) as a segment staged inside
+    the index folder ``root`` under ``prefix`` (a Writer's ``staging_prefix``), for that writer to ``adopt``: the
+    kinds and files a commit of the same photos writes. Returns its record: name, files, kinds, and the pid and
+    host that wrote it."""
+    b, h, w, d = patches.shape
+    assert cls.shape == (b, d) and h == w and len(ids) == b, (cls.shape, patches.shape, len(ids))
+    ids = np.asarray(ids, np.int64)
+    flat = np.ascontiguousarray(patches.reshape(-1, d), dtype=np.float32)
+    g = make_index(FRESH_KINDS["global"], d, None)
+    g.add_with_ids(np.ascontiguousarray(cls, dtype=np.float32), ids)
+    p = make_index(FRESH_KINDS["patches"], d, flat)
+    p.add_with_ids(flat, patch_ids(ids, h))
+    indexes = seal_indexes({"global": g, "patches": p}, forced, d, first=False)
+    root = Path(root)
+    name = f"{prefix}{uuid.uuid4().hex[:12]}.tmp"
+    record = write_segment_files(root / name, indexes)
+    fsync_dir(root)
+    return {"name": name, **record, "pid": os.getpid(), "host": socket.gethostname()}

@@ -85,7 +85,7 @@ def test_killed_ray_run_resumed_equals_a_clean_run_with_milvus(photos, embedder,
     while live_generation(idx) is None and proc.poll() is None:
         assert time.time() < deadline, "no commit in 300 s"
         time.sleep(0.05)
-    time.sleep(1.0)  # into the next commit's photos: embedded and sent to Milvus, not committed
+    time.sleep(0.2)  # into the next commit's photos: embedded and sent to Milvus, not committed (workers run ahead)
     assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -104,6 +104,74 @@ def test_killed_ray_run_resumed_equals_a_clean_run_with_milvus(photos, embedder,
     for q in sorted(photos.rglob("*.jpg"))[:48:12]:
         a, b = e.similar(q, 10), c.similar(q, 10)
         assert [h.photo_id for h in a] == [h.photo_id for h in b] and all(h.path for h in a)
+
+
+def test_ray_workers_write_the_segments_and_the_driver_only_commits(photos, embedder, tmp_path, cluster, monkeypatch):
+    """The embedding actors write the segment files (their pid is in the manifest's segment records, never the
+    driver's); the driver's Writer never adds a vector nor receives one; the catalog, ids and top-10 equal a
+    local run's; nothing staged is left behind."""
+    from indexer.distributed import index_folder_ray
+    from indexer.writer import Writer
+    from search import Engine
+
+    (photos / "broken.jpg").write_bytes(b"not a photo")
+    clean = tmp_path / "clean"
+    index_folder(photos, clean, embedder, IndexConfig(workers=0, progress=False))
+
+    def refuse(*a, **k):
+        raise AssertionError("the driver's Writer.add was called: vectors went through the driver")
+
+    adopted = []
+    adopt = Writer.adopt
+
+    def spy(self, rows, staged, vectors=None):
+        adopted.append((len(rows), staged["pid"], vectors))
+        return adopt(self, rows, staged, vectors)
+
+    monkeypatch.setattr(Writer, "add", refuse)
+    monkeypatch.setattr(Writer, "adopt", spy)
+    idx = tmp_path / "idx"
+    stats = index_folder_ray(photos, idx, embedder, IndexConfig(batch_size=4, commit_every=16, progress=False), num_workers=1)
+    assert stats.indexed == 48 and stats.failed == 1 and stats.commits >= 3
+    assert sum(n for n, _, _ in adopted) == 48 and all(v is None for _, _, v in adopted)  # no vector reached the driver
+    assert catalog_rows(idx) == catalog_rows(clean)
+    segs = Snapshot.open(idx).manifest.segments
+    assert segs and all(s["pid"] not in (None, os.getpid()) for s in segs), segs
+    assert {s["pid"] for s in segs} == {pid for _, pid, _ in adopted}
+    assert all(set(s["kinds"]) == {"global", "patches"} for s in segs)
+    assert not list(idx.glob("seg-stage-*")) and not list(idx.glob("*.tmp"))
+    report = verify(idx)
+    assert report.ok, report.problems
+    e, c = Engine(idx, embedder=embedder), Engine(clean, embedder=embedder)
+    for q in sorted(photos.rglob("*.jpg"))[:48:8]:
+        a, b = e.similar(q, 10), c.similar(q, 10)
+        assert [h.photo_id for h in a] == [h.photo_id for h in b]
+        assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
+
+
+def test_staged_segments_of_a_killed_writer_are_removed_by_the_next(photos, embedder, tmp_path):
+    """A segment staged for a writer that died is never named: verify reports it, the next writer removes it,
+    and a live writer's own staged segments survive its commits until it adopts them."""
+    from indexer.writer import Writer, write_staged_segment
+
+    for p in sorted(photos.rglob("*.jpg"))[4:]:
+        p.unlink()
+    idx = tmp_path / "idx"
+    index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False))
+    m = Snapshot.open(idx).manifest
+    rng = np.random.default_rng(0)
+    cls, patches = rng.normal(size=(2, m.dim)).astype(np.float32), rng.normal(size=(2, m.grid, m.grid, m.dim)).astype(np.float32)
+    dead = write_staged_segment(idx, "seg-stage-1-dead-", np.array([10, 11]), cls, patches)  # its writer was killed
+    report = verify(idx)
+    assert not report.ok and dead["name"] in " ".join(report.problems)
+    w = Writer(idx, None)
+    assert not (idx / dead["name"]).exists()
+    mine = write_staged_segment(idx, w.staging_prefix, np.array([10, 11]), cls, patches)
+    w.set_not_images("/nowhere", {".txt": 1})
+    w.commit()  # a commit of this writer keeps what is staged for it
+    assert (idx / mine["name"]).is_dir()
+    w.close()  # never adopted: gone with its writer
+    assert not (idx / mine["name"]).exists() and verify(idx).ok
 
 
 @pytest.mark.parametrize("kind", ["faiss", "milvus-lite"])
