@@ -13,9 +13,12 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-HNSW_EF_SEARCH = 128  # candidates an HNSW segment's search keeps (recall against speed: scripts/bench_search.py)
-HNSW_EF_MAX = 1024  # the most a filtered search raises it to (see SegmentedIndex.search)
+HNSW_EF_SEARCH = 64  # candidates an HNSW segment's search keeps: recall@10 0.996 at 1M in 0.40 ms (scripts/bench_search.py)
+HNSW_EF_MAX = 256  # the most a filtered search raises it to (see SegmentedIndex.search): at 1M with 5% passing,
+# 256 kept recall@10 0.967 in 1.7 ms, 1024 0.988 in 5.7 ms (scripts/bench_filters.py)
 HNSW_SCAN_EQUIVALENT = 16_384  # photos scored exactly in the time of one filtered HNSW search (scripts/bench_filters.py)
+FLAT_SCAN_SHARE = 32  # a filtered search of an exact segment of n vectors takes as long as scoring n/32 photos
+# exactly (it tests every id against the selector; at 1M: ~4 ms with 0.1% passing, scripts/bench_filters.py)
 BITMAP_SHARE = 64  # a restriction to ids of one vector per photo (global) naming at least 1/64 of the id range is
 # a bitmap over the range (a few numpy passes) rather than a hash set of the ids (built per id, per query)
 
@@ -110,9 +113,9 @@ class SegmentedIndex:
                 ivf.nprobe = min(ivf.nlist, nprobe)
 
     def probe_reads(self) -> float:
-        """Vectors an approximate search reads per query: the IVF parts' probed share of their lists (at their
-        nprobe) and each HNSW part as HNSW_SCAN_EQUIVALENT (an exact part is read whole by any plan). A filter
-        passing fewer photos than this is as cheap to score exactly (Engine.global_plan)."""
+        """What a filtered search costs per query, in photos scored exactly in the same time: the IVF parts' probed
+        share of their lists (at their nprobe), each HNSW part HNSW_SCAN_EQUIVALENT, each exact part its size /
+        FLAT_SCAN_SHARE. A filter passing fewer photos than this is as cheap to score exactly (Engine.global_plan)."""
         reads = 0.0
         for p in self.parts:
             ivf = faiss.try_extract_index_ivf(p.index)
@@ -120,6 +123,8 @@ class SegmentedIndex:
                 reads += p.index.ntotal * min(ivf.nprobe, ivf.nlist) / max(1, ivf.nlist)
             elif _hnsw(p.index) is not None:
                 reads += HNSW_SCAN_EQUIVALENT
+            else:
+                reads += len(p.ids) / FLAT_SCAN_SHARE
         return reads
 
     def ivf_parts(self) -> list[faiss.IndexIVF]:
@@ -193,10 +198,16 @@ class SegmentedIndex:
     def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of live ids (from whichever segment holds each); KeyError for an id that is not live."""
         ids = np.asarray(ids, np.int64)
-        out = np.empty((len(ids), self.d), np.float32)
         segs = self._segment_of(ids)
         if (segs == 0).any():
             raise KeyError(f"ids {ids[segs == 0][:5].tolist()} are not in the index")
+        if len(self.parts) == 1 and (rows := self.parts[0].rows()) is not None:  # one float segment: one gather
+            xb, row_of = rows
+            row = row_of[np.minimum(ids, len(row_of) - 1)]
+            if (row < 0).any() or (ids >= len(row_of)).any():
+                raise KeyError(f"ids {ids[:5].tolist()} are not all in segment {self.parts[0].seg}")
+            return xb[row]
+        out = np.empty((len(ids), self.d), np.float32)
         by_seg = {p.seg: p for p in self.parts}
         for s in np.unique(segs):
             at = np.flatnonzero(segs == s)
@@ -213,6 +224,22 @@ class SegmentedIndex:
             else:
                 out[at] = p.index.reconstruct_batch(ids[at])
         return out
+
+    def inner_products(self, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """q [d] against the stored vectors of live ids: the scan plan's scores. One float segment is read in place
+        (faiss.fvec_inner_products_by_idx: no gathered copy of the rows, ~25% faster at 10k of 1M rows here)."""
+        ids = np.asarray(ids, np.int64)
+        if len(self.parts) == 1 and (rows := self.parts[0].rows()) is not None and len(ids):
+            xb, row_of = rows
+            row = row_of[np.minimum(ids, len(row_of) - 1)]
+            if (row < 0).any() or (ids >= len(row_of)).any() or (self._segment_of(ids) == 0).any():
+                raise KeyError(f"ids {ids[:5].tolist()} are not all in the index")
+            q = np.ascontiguousarray(q, np.float32)
+            out = np.empty(len(ids), np.float32)
+            faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(xb),
+                                             faiss.swig_ptr(np.ascontiguousarray(row)), self.d, 1, len(ids))
+            return out
+        return self.reconstruct_batch(ids) @ np.asarray(q, np.float32)
 
     def reconstruct(self, i: int) -> np.ndarray:
         return self.reconstruct_batch(np.array([i], np.int64))[0]

@@ -104,7 +104,8 @@ class Columns:
         if f.taken_after or f.taken_before:
             lo = np.searchsorted(self.taken_values, f.taken_after, "left") if f.taken_after else 0
             hi = np.searchsorted(self.taken_values, f.taken_before, "left") if f.taken_before else len(self.taken_values)
-            ok &= (self.taken >= lo) & (self.taken < hi)  # unknown (-1) is below any lo >= 0
+            # lo <= taken < hi in one comparison: taken - lo as unsigned wraps unknown (-1) and earlier dates high
+            ok &= (self.taken - np.int32(lo)).view(np.uint32) < np.uint32(max(0, hi - lo))
         if f.camera:
             needle = _ascii_lower(f.camera)
             ok &= np.isin(self.camera, [c for c, s in enumerate(self.cameras) if needle in s])

@@ -710,7 +710,12 @@ class Engine:
             scores = D[0][: len(ids)]
         if allowed is not None and len(ids) < min(k, len(allowed)):  # a scan, or a probe missed photos that pass:
             ids = as_ids(allowed)  # score every one of them exactly, so k that exist are returned
-            ids, scores = top_k(ids, self.global_vectors(ids) @ xq[0], k)
+            try:
+                with self._lock:
+                    scores = self.global_index.inner_products(ids, xq[0])
+            except (RuntimeError, KeyError):
+                raise UnknownPhoto(f"photo ids {ids[:5].tolist()} are not all in the index") from None
+            ids, scores = top_k(ids, scores, k)
         elif not exact and len(ids):  # re-rank the candidates on their stored vectors
             xb = self.global_index.reconstruct_batch(ids)
             scores = xb @ xq[0]
@@ -724,19 +729,19 @@ class Engine:
     # global_plan)
 
     def global_plan(self, allowed: Allowed) -> str:
-        """How a global search runs: "flat" (an exact index; a filter is a FAISS ID selector inside it), "ivf" or
-        "hnsw" (an approximate index, then an exact re-rank of its candidates; a filter is an ID selector inside
-        the probe or the graph walk, and the photos that pass are scored exactly if it finds fewer than k), or "scan":
-        an approximate index and a filter that passes no more photos than the index would read anyway
-        (SegmentedIndex.probe_reads: an IVF's probed lists, an HNSW walk's equivalent; at least SCAN_MAX). Those
-        photos are scored exactly, which is exact and no slower, where a probe would meet only the few of them that
-        lie in its lists and a graph walk would pass through mostly photos the filter rejects."""
-        if self.vectors is not None or self.global_index.exact:
+        """How a global search runs: "flat" (exact segments; a filter is a FAISS ID selector inside them), "ivf" or
+        "hnsw" (an approximate index; a filter is an ID selector inside the probe or the graph walk, and the photos
+        that pass are scored exactly if it finds fewer than k), or "scan": a filter that passes no more photos than
+        the search would cost anyway (SegmentedIndex.probe_reads: an IVF's probed lists, an HNSW walk's equivalent,
+        an exact segment's selector test of every id; at least SCAN_MAX). Those photos are scored exactly, which is
+        exact and no slower, where a probe would meet only the few of them that lie in its lists, a graph walk
+        would pass through mostly photos the filter rejects, and a flat search would test every id."""
+        if self.vectors is not None:
             return "flat"
-        ann = "hnsw" if self.global_index.hnsw else "ivf"
+        plan = "flat" if self.global_index.exact else "hnsw" if self.global_index.hnsw else "ivf"
         if allowed is None:
-            return ann
-        return "scan" if len(allowed) <= self.scan_limit() else ann
+            return plan
+        return "scan" if len(allowed) <= self.scan_limit() else plan
 
     def scan_limit(self) -> float:
         """The most photos a filter may pass for the scan plan (see global_plan)."""
