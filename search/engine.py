@@ -8,6 +8,7 @@ never drift apart.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import os
@@ -171,10 +172,26 @@ def as_ids(allowed: Allowed) -> np.ndarray | None:
     return np.array(sorted({int(i) for i in allowed}), np.int64)
 
 
+@functools.cache
+def _numpy_blas_on_one_thread() -> None:
+    """numpy's own BLAS (a pthreads OpenBLAS) to one thread, once per process. A query's numpy products are small
+    (late interaction over 32 photos: ~100 MFLOP), and after each one its idle threads spin on the cores that the
+    FAISS search of the next query needs for its OpenMP threads: region search at 10k photos took 32 ms with
+    numpy's 2 threads, 19 ms with 1 (scripts/bench_search.py). FAISS's own BLAS (built on OpenMP) is left alone."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # scikit-learn's dependency: present wherever the project is installed
+        return
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api == "blas" and "numpy" in str(lib.filepath):
+            lib.set_num_threads(1)
+
+
 class Engine:
     """Read-only search over the live snapshot of ``index_dir``; ``refresh()`` picks up new commits."""
 
     def __init__(self, index_dir: str | os.PathLike, config: EngineConfig = EngineConfig(), *, embedder: Embedder | None = None):
+        _numpy_blas_on_one_thread()
         self.root = Path(index_dir).expanduser()
         self.config = config
         self._embedder = embedder
