@@ -40,7 +40,7 @@ def written() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
 
 
-def measure(work: Path, n: int, dim: int, grid: int, batch: int, repeat: int, fill_commit: int) -> dict:
+def measure(work: Path, n: int, dim: int, grid: int, batch: int, repeat: int, fill_commit: int, compacted: bool = False) -> dict:
     """Runs inside the source tree on sys.path (this one or --baseline-src)."""
     from indexer.manifest import Manifest
     from indexer.writer import Writer
@@ -67,6 +67,10 @@ def measure(work: Path, n: int, dim: int, grid: int, batch: int, repeat: int, fi
             w.add(rows(ids), *vectors(len(ids)))
             w.commit()
     fill_s = time.perf_counter() - t
+    if compacted:  # as `serve --compact-every` or `dinosearch compact` leaves it: the fill's segments merged
+        from indexer.compact import compact
+
+        compact(idx, everything=True)
     secs, nbytes, opens = [], [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -91,7 +95,7 @@ def run_in(src: Path, args: argparse.Namespace, n: int, work: Path) -> dict:
     code = (f"import sys, json; sys.path.insert(0, {str(src)!r}); sys.path.insert(0, {str(REPO / 'scripts')!r}); "
             f"from pathlib import Path; from bench_write import measure; "
             f"print(json.dumps(measure(Path({str(work)!r}), {n}, {args.dim}, {args.grid}, {args.batch}, {args.repeat}, "
-            f"{args.fill_commit})))")
+            f"{args.fill_commit}{', True' if args.compacted and src == REPO else ''})))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(src)})
     if p.returncode != 0:
@@ -107,6 +111,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8, help="photos added and photos replaced per measured commit")
     ap.add_argument("--repeat", type=int, default=3, help="measured commits per size (median reported)")
     ap.add_argument("--fill-commit", type=int, default=1000, help="photos per commit while filling")
+    ap.add_argument("--compacted", action="store_true", help="compact the filled index before the measured commits")
     ap.add_argument("--baseline-src", type=Path, default=None, help="another dinosearch source tree to measure beside this one")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     args = ap.parse_args()
