@@ -224,7 +224,8 @@ class Service:
             emb = self.embedder()
             with self._lock:
                 if self._engine is None:
-                    cfg = EngineConfig(max_pixels=self.settings.max_pixels, store=self.settings.store, nprobe=self.settings.nprobe)
+                    cfg = EngineConfig(max_pixels=self.settings.max_pixels, store=self.settings.store, nprobe=self.settings.nprobe,
+                                       resident=True)  # a server's queries read its global vectors at random
                     self._engine = Engine(self.settings.index, cfg, embedder=emb)
         elif time.monotonic() - self._checked > 1.0:  # follow commits of other processes (a CLI run, compaction)
             self._checked = time.monotonic()

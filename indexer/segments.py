@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from indexer.hugepages import on_huge_pages
+
 HNSW_EF_SEARCH = 64  # candidates an HNSW segment's search keeps: recall@10 0.996 at 1M in 0.40 ms (scripts/bench_search.py)
 HNSW_EF_MAX = 256  # the most a filtered search raises it to (see SegmentedIndex.search): at 1M with 5% passing,
 # 256 kept recall@10 0.967 in 1.7 ms, 1024 0.988 in 5.7 ms (scripts/bench_filters.py)
@@ -66,6 +68,9 @@ class Part:
     index: faiss.Index
     ids: np.ndarray  # every vector id in the file, sorted
     dead: np.ndarray  # ids whose photo's live vectors are elsewhere (or gone), sorted
+    record: dict | None = None  # the file's size and checksum as its commit recorded them
+    resident: bool = False  # read whole into memory (else its flat codes are a file mapping)
+    huge: str | None = None  # what the kernel said to huge pages for its vectors and graph (hugepages.on_huge_pages)
     _rows: tuple[np.ndarray, np.ndarray] | None | bool = False  # (float32 storage, row of each id), None: coded
 
     def rows(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -85,6 +90,26 @@ class Part:
                 row_of[id_map] = np.arange(len(id_map))
                 self._rows = (xb, row_of)
         return self._rows
+
+
+    def take_over(self, old: Part) -> None:
+        """Keep what an earlier commit's Part of this same file made (its id -> row table, its huge pages)."""
+        self._rows, self.huge = old._rows, old.huge
+
+    def to_huge_pages(self) -> str:
+        """Back the arrays a search reads at random with huge pages: the float vectors (a scan plan's rows, an HNSW
+        walk's distances) and an HNSW graph's neighbour lists. Records and returns the kernel's answer for the first
+        of them ("huge", "refused: ...", see hugepages.on_huge_pages), "none" for coded storage without a graph."""
+        arrays = []
+        if (rows := self.rows()) is not None:
+            arrays.append(rows[0])
+        if (inner := _hnsw(self.index)) is not None:
+            nb = inner.hnsw.neighbors
+            if nb.size():
+                arrays.append(faiss.rev_swig_ptr(nb.data(), nb.size()))
+        outcomes = [on_huge_pages(a) for a in arrays]
+        self.huge = outcomes[0] if outcomes else "none"
+        return self.huge
 
 
 class SegmentedIndex:

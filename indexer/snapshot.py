@@ -127,7 +127,7 @@ class Snapshot:
         recorded at commit: a damaged file is never handed to FAISS in this process (a damaged header can make
         FAISS allocate without bound). Costs one read of the file (blake2b ~0.8 GB/s), which also warms the cache."""
         path = self.root / seg_name(seg) / name
-        want = next((s["files"].get(name) for s in self.manifest.segments if s["seg"] == seg), None)
+        want = self._record(seg, name)
         if want is not None and path.is_file():
             if path.stat().st_size != want["size"] or file_digest(path) != want:
                 raise IndexFormatError(f"{path} is corrupt or truncated: it differs from what was committed (size or checksum); "
@@ -137,21 +137,43 @@ class Snapshot:
     def _where(self, table: str) -> np.ndarray:
         return catalog.segment_of(self.db, table, self.manifest.next_id)
 
-    def _segmented(self, kind: str, table: str, per_photo: int) -> SegmentedIndex:
+    def _segmented(self, kind: str, table: str, per_photo: int, *, resident: bool = False,
+                   reuse: SegmentedIndex | None = None) -> SegmentedIndex:
+        """The live vectors of one kind. ``resident``: read each file whole into memory on huge pages (a server's
+        choice: faster random reads, see indexer/hugepages.py) instead of mapping its flat codes. ``reuse``: an
+        earlier commit's SegmentedIndex of this kind: a segment it holds that this commit names with the same
+        recorded size and checksum (segments are immutable) is taken over as loaded, not read and checked again."""
         where = self._where(table)
+        known = {p.seg: p for p in reuse.parts} if reuse is not None else {}
         parts = []
         for seg, path in self.segment_files(kind):
-            index = read_index_mapped(self.checked(seg, path.name))  # flat codes mapped: they need not fit in RAM
-            ids = np.sort(index_ids(index))
+            record = self._record(seg, path.name)
+            old = known.get(seg)
+            if old is not None and record is not None and old.record == record and old.resident == resident:
+                index, ids = old.index, old.ids
+            else:
+                old = None
+                path = self.checked(seg, path.name)
+                index = read_index(path) if resident else read_index_mapped(path)  # mapped: need not fit in RAM
+                ids = np.sort(index_ids(index))
             photo = ids // per_photo
             ok = photo < len(where)
             live = np.zeros(len(ids), bool)
             live[ok] = where[photo[ok]] == seg
-            parts.append(Part(seg, index, ids, ids[~live]))
+            part = Part(seg, index, ids, ids[~live], record=record, resident=resident)
+            if old is not None:
+                part.take_over(old)
+            elif resident:
+                part.to_huge_pages()
+            parts.append(part)
         return SegmentedIndex(parts, self.manifest.dim, per_photo, where)
 
-    def global_index(self) -> SegmentedIndex:
-        return self._segmented("global", "vec", 1)
+    def _record(self, seg: int, name: str) -> dict | None:
+        """What the manifest recorded of a segment's file at commit (size, checksum)."""
+        return next((s["files"].get(name) for s in self.manifest.segments if s["seg"] == seg), None)
+
+    def global_index(self, *, resident: bool = False, reuse: SegmentedIndex | None = None) -> SegmentedIndex:
+        return self._segmented("global", "vec", 1, resident=resident, reuse=reuse)
 
     def patch_index(self) -> SegmentedIndex:
         return self._segmented("patches", "vec", self.manifest.grid**2)

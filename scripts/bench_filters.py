@@ -1,12 +1,12 @@
 """Filtered global search at scale: latency and recall@10 against an exact filtered search, per selectivity.
 
     python scripts/bench_filters.py [--size 1000000] [--queries 200] [--kind FACTORY] [--nprobe N]
-                                    [--seal-kind FACTORY | --no-compact] [--work DIR]
+                                    [--seal-kind FACTORY | --no-compact] [--work DIR [--reuse]] [--mapped]
 
 --size synthetic unit vectors (d=384; --data: bench_search's global data by default) are written through the indexer's own Writer (a fresh segment of the
 kind a run writes, or --kind; a one-cell patch grid, so the patch index stays the size of the global one) with a date
 taken per photo, every photo a distinct minute in a shuffled order. A date range then passes 50%, 5%, 1% or 0.1% of
-the photos. Each query is an indexed photo's vector, answered by ``Engine.search`` (the engine's own filter planning:
+the photos (and a first row without a filter, the baseline). Each query is an indexed photo's vector, answered by ``Engine.search`` (the engine's own filter planning:
 the filter evaluated in numpy over the commit's catalog columns, then the plan ``Engine.global_plan`` names), and
 compared with the exact top-10 among the photos that pass (numpy over the raw vectors). Printed per selectivity: the
 plan, p50/p99 of the whole search and of its filter part (``Engine.filter_passing``; the first query of a commit also
@@ -14,7 +14,8 @@ reads the columns, timed apart as "columns read"), recall@10.
 
 The rows are measured twice: on the index as the run wrote it ("fresh"), then after compaction sealed it into the
 kind its size calls for ("sealed": HNSW32 past 200k photos; --seal-kind forces one), as `serve --compact-every` or
-`dinosearch compact` leaves it.
+`dinosearch compact` leaves it. The engine is a server's (EngineConfig.resident: global vectors read whole onto huge
+pages); --mapped measures a one-shot CLI search's (vectors mapped from the files).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from indexer.writer import Writer  # noqa: E402
 from search import Engine, EngineConfig, Example, Filters, SearchQuery  # noqa: E402
 
 BASE = dt.datetime(2000, 1, 1)
-SELECTIVITY = (0.5, 0.05, 0.01, 0.001)
+SELECTIVITY = (1.0, 0.5, 0.05, 0.01, 0.001)  # 1.0: no filter, the baseline
 
 
 def vectors(n: int, dim: int, rng: np.random.Generator, data: str) -> np.ndarray:
@@ -88,9 +89,9 @@ def measure(engine: Engine, stage: str, xb: np.ndarray, size: int, queries: int,
     print(f"{'stage':<6} {'pass':>6} {'photos':>8} {'plan':>5} {'p50 ms':>7} {'p99 ms':>7} {'filter p50':>10} {'recall@10':>9}",
           flush=True)
     for sel in SELECTIVITY:
-        f = Filters(taken_before=(BASE + dt.timedelta(minutes=int(sel * size))).isoformat(timespec="seconds"))
-        passing = engine.filter_passing(f)
-        ids = passing.ids
+        f = Filters(taken_before=(BASE + dt.timedelta(minutes=int(sel * size))).isoformat(timespec="seconds")) if sel < 1 else Filters()
+        passing = engine.filter_passing(f)  # None: no filter (the unfiltered baseline row)
+        ids = passing.ids if passing is not None else np.arange(1, size + 1)
         plan = engine.global_plan(passing)
         lat, filt, rec = [], [], []
         for q in rng.integers(1, size + 1, queries):
@@ -110,7 +111,9 @@ def measure(engine: Engine, stage: str, xb: np.ndarray, size: int, queries: int,
 def describe(engine: Engine) -> str:
     kinds = sorted({type(faiss.downcast_index(p.index.index if isinstance(p.index, faiss.IndexIDMap2) else p.index))
                     .__name__.replace("Index", "") for p in engine.global_index.parts})
-    return f"{len(engine.global_index.parts)} global segment(s) of {'/'.join(kinds)}; scan plan up to {engine.scan_limit():.0f} photos"
+    huge = sorted({str(p.huge) for p in engine.global_index.parts})
+    return (f"{len(engine.global_index.parts)} global segment(s) of {'/'.join(kinds)}; scan plan up to {engine.scan_limit():.0f} "
+            f"photos; huge pages: {'/'.join(huge)}")
 
 
 def main() -> None:
@@ -127,18 +130,32 @@ def main() -> None:
     p.add_argument("--seal-kind", default=None, help="global kind compaction seals into (default: by size)")
     p.add_argument("--no-compact", action="store_true", help="measure the fresh index only")
     p.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
+    p.add_argument("--reuse", action="store_true", help="measure the index an earlier run left in --work (same --size, "
+                   "--dim, --data: its vectors are made again from the seed) as it is: no build, no compaction")
+    p.add_argument("--mapped", action="store_true", help="map the vectors from their files (a one-shot CLI search's "
+                   "engine) instead of reading them whole onto huge pages (serve's, EngineConfig.resident)")
     a = p.parse_args()
+    if a.reuse and a.work is None:
+        p.error("--reuse needs the --work folder of an earlier run")
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-filters-"))
     idx = work / "filters.idx"
-    shutil.rmtree(idx, ignore_errors=True)
     rng = np.random.default_rng(0)
     faiss.omp_set_num_threads(1)  # one query at a time, as a server thread answers it
     t0 = time.perf_counter()
-    print(f"building {a.size} synthetic photos (d={a.dim}, {a.data} data) with dates taken ...", flush=True)
+    print(f"{'making' if a.reuse else 'building'} {a.size} synthetic photos (d={a.dim}, {a.data} data) with dates taken ...", flush=True)
     xb = vectors(a.size, a.dim, rng, a.data)
-    build(idx, xb, rng, a.kind)
-    config = EngineConfig() if a.nprobe is None else EngineConfig(nprobe=a.nprobe)
+    if not a.reuse:
+        shutil.rmtree(idx, ignore_errors=True)
+        build(idx, xb, rng, a.kind)
+    config = EngineConfig(resident=not a.mapped, **({} if a.nprobe is None else {"nprobe": a.nprobe}))
+    t = time.perf_counter()
     engine = Engine(idx, config)
+    print(f"engine loaded in {time.perf_counter() - t:.1f} s ({'mapped' if a.mapped else 'resident'})", flush=True)
+    if a.reuse:
+        _ = engine.columns
+        print(f"as found: {describe(engine)}", flush=True)
+        measure(engine, "found", xb, a.size, a.queries, a.k, rng)
+        return
     t = time.perf_counter()
     cols = engine.columns
     print(f"columns of {int(cols.indexed.sum())} photos read in {(time.perf_counter() - t) * 1e3:.0f} ms (once per commit)", flush=True)

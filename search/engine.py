@@ -26,7 +26,7 @@ from indexer.errors import DinosearchError, IndexFormatError
 from indexer.manifest import MAX_OBJECTS
 from indexer.objects import Mask, Segmenter, SegmenterConfig, crop_object
 from indexer.reader import DEFAULT_MAX_PIXELS, decode_both, load_query, read_file
-from indexer.segments import only_ids  # noqa: F401  (re-exported: searches restricted to ids)
+from indexer.segments import SegmentedIndex, only_ids  # noqa: F401  (only_ids re-exported: searches restricted to ids)
 from indexer.snapshot import Snapshot, live_generation
 from search.columns import Columns
 from search.query import BadQuery, Example, Filters, SearchQuery, great_circle_km
@@ -126,25 +126,37 @@ class EngineConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     nprobe: int = 32  # IVF lists visited per query (global and patch index); see scripts/bench_search.py
     store: str | None = None  # external vector store URI; None: the one the manifest names, if any
+    resident: bool = False  # global segments read whole into memory on huge pages: a server's choice (each query
+    # reads them at random: HNSW 0.28 -> 0.23 ms, a 10k-photo scan 4.0 -> 2.8 ms at 1M photos, scripts/bench_filters.py;
+    # loading costs ~3 s per GB once, a commit's unchanged segments are kept). False: mapped from the files, paged in
+    # as read (a one-shot CLI search of a large index starts at once).
 
 
 Query = str | os.PathLike | bytes | int
 class Passing:
     """The photos a filter lets through, as the filter made them: a bool mask by photo id (what a global search's
-    FAISS bitmap selector reads), the count, and the sorted ids made only when a plan needs them."""
+    FAISS bitmap selector reads) or their sorted ids (a narrow date range's, Columns.narrow), the count, and the
+    other form made only when a plan needs it."""
 
-    def __init__(self, mask: np.ndarray):
-        self.mask = mask
-        self.count = int(np.count_nonzero(mask))
-        self._ids: np.ndarray | None = None
+    def __init__(self, mask: np.ndarray | None = None, *, ids: np.ndarray | None = None, size: int = 0):
+        """Either ``mask`` or ``ids`` (sorted, unique, each < ``size``: the mask's length)."""
+        self._mask, self._ids, self.size = mask, ids, len(mask) if mask is not None else size
+        self.count = int(np.count_nonzero(mask)) if mask is not None else len(ids)
 
     def __len__(self) -> int:
         return self.count
 
     @property
+    def mask(self) -> np.ndarray:
+        if self._mask is None:
+            self._mask = np.zeros(self.size, bool)
+            self._mask[self._ids] = True
+        return self._mask
+
+    @property
     def ids(self) -> np.ndarray:
         if self._ids is None:
-            self._ids = np.flatnonzero(self.mask).astype(np.int64)
+            self._ids = np.flatnonzero(self._mask).astype(np.int64)
         return self._ids
 
 
@@ -201,7 +213,13 @@ class Engine:
         self.vectors = None
         self._load(Snapshot.open(self.root))
 
-    def _load(self, snap: Snapshot) -> None:
+    def _global_index(self, snap: Snapshot) -> SegmentedIndex:
+        """``snap``'s global vectors, taking over the segments this engine holds that are still live."""
+        return snap.global_index(resident=self.config.resident, reuse=getattr(self, "global_index", None))
+
+    def _load(self, snap: Snapshot, global_index: SegmentedIndex | None = None) -> None:
+        """Switch to ``snap`` (its global vectors as loaded already, or loaded here)."""
+        global_index = self._global_index(snap) if global_index is None else global_index
         self._patch_index = None
         self._object_index = None
         self._columns: tuple[sqlite3.Connection, Columns] | None = None  # this commit's filterable fields (and the
@@ -210,7 +228,7 @@ class Engine:
         self.snapshot = snap
         self.manifest = snap.manifest
         self.db = snap.catalog()
-        self.global_index = snap.global_index()
+        self.global_index = global_index
         uri = self.config.store or self.manifest.store
         if uri and self.vectors is None:  # Milvus (or another store) answers the vector searches
             from indexer.vectors import open_store
@@ -227,8 +245,17 @@ class Engine:
         live = live_generation(self.root)
         if live is None or live == self.manifest.gen:
             return False
-        with self._lock:
-            self._load(Snapshot.open(self.root))
+        snap = Snapshot.open(self.root)
+        try:  # read and check the new segments before taking the lock: searches go on meanwhile
+            global_index = self._global_index(snap)
+            with self._lock:
+                if snap.manifest.gen <= self.manifest.gen:  # another thread switched to this commit or a newer one
+                    snap.close()
+                    return False
+                self._load(snap, global_index)
+        except BaseException:
+            snap.close()
+            raise
         return True
 
     @property
@@ -355,7 +382,8 @@ class Engine:
     def _passing(self, f: Filters) -> np.ndarray:
         """The indexed photos ``f`` lets through, as sorted ids (numpy over this commit's columns)."""
         self._check_filters(f)
-        return np.flatnonzero(self.columns.mask(f)).astype(np.int64)
+        ids = self.columns.narrow(f)
+        return np.flatnonzero(self.columns.mask(f)).astype(np.int64) if ids is None else ids
 
     def filter_passing(self, f: Filters) -> Passing | None:
         """The indexed photos ``f`` lets through as a Passing (a mask; ids on demand), or None when it filters
@@ -364,7 +392,9 @@ class Engine:
         if not f.active:
             return None
         self._check_filters(f)
-        passing = Passing(self.columns.mask(f))
+        cols = self.columns
+        ids = cols.narrow(f)
+        passing = Passing(cols.mask(f)) if ids is None else Passing(ids=ids, size=len(cols.indexed))
         return None if passing.count >= len(self) else passing  # every photo passes: no selector to build and check
 
     def _near(self, rows: list[tuple], f: Filters, lat_at: int, lon_at: int) -> list[tuple]:

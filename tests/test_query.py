@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from test_meta import write_exif
 
 from indexer.runner import IndexConfig, index_folder
-from search import BadQuery, Engine, Example, Filters, SearchQuery
+from search import BadQuery, Engine, EngineConfig, Example, Filters, SearchQuery
 from search.query import great_circle_km, parse_date, parse_example, parse_id_example
 
 CFG = IndexConfig(batch_size=16, workers=0, progress=False)
@@ -254,8 +255,6 @@ def test_cli_like_unlike_filters_and_ls(described, tiny_model):
 
 def test_filters_return_k_on_ivf_kinds_whose_probe_misses(described, embedder, tmp_path):
     """IVF kinds visit nprobe lists only: the filtered photos may lie in lists the probe skips; k still come back."""
-    from search import EngineConfig
-
     engine, photos, made = described
     idx = tmp_path / "ivf"
     index_folder(photos, idx, embedder, IndexConfig(workers=0, progress=False, global_kind="IVF8,Flat", patch_kind="IVF8,SQ8"))
@@ -321,8 +320,18 @@ def test_filter_columns_select_what_the_catalogs_sql_selects_and_search_inside_t
     filters += [Filters(label=t) for t in ("cat", "CAT", "dog", "tabby cat", "kite")]
     filters += [Filters(label="cat", camera="leica", folder="/p", taken_after=parse_date(d[1]), near=(48.85, 2.35, 30)),
                 Filters(label="boat", taken_before=parse_date(d[2])), Filters(camera="canon", near=(48.9, 2.4, 15))]
-    sizes = set()
+    for y in ("2013", "2017", "2021"):  # date ranges narrow enough for Columns.narrow, alone and with each other field
+        day = Filters(taken_after=parse_date(f"{y}-03-01"), taken_before=parse_date(f"{y}-05-01"))
+        filters += [day, replace(day, camera="leica"), replace(day, folder="/p/trip"), replace(day, label="cat"),
+                    replace(day, near=(48.85, 2.35, 40))]
+    resident = Engine(idx, EngineConfig(resident=True))  # serve's engine: the same answers from vectors read whole
+    cols, sizes, narrowed = engine.columns, set(), 0
     for f in filters:
+        if f.taken_after or f.taken_before:  # the date-order slice selects what the passes over every id select
+            assert cols.narrow(f, share=1).tolist() == np.flatnonzero(cols.mask(f)).tolist(), f
+            narrowed += cols.narrow(f) is not None
+        else:
+            assert cols.narrow(f, share=1) is None
         allowed = engine.filter_ids(f)
         got = everyone if allowed is None else set(allowed.tolist())
         assert allowed is None or list(allowed) == sorted(got)
@@ -336,6 +345,8 @@ def test_filter_columns_select_what_the_catalogs_sql_selects_and_search_inside_t
             s = np.array([vec[i] for i in passing]) @ vec[q]
             hits = engine.search(SearchQuery((Example(q),), filters=f, k=10)).hits
             assert [h.photo_id for h in hits] == passing[np.argsort(-s, kind="stable")[:10]].tolist(), f
+            assert resident.search(SearchQuery((Example(q),), filters=f, k=10)).hits == hits
+    assert narrowed >= 10, narrowed
     assert min(sizes) == 0 and max(sizes) > len(everyone) // 2 and any(0 < n < 5 for n in sizes)  # batch and bitmap both ran
     leica = engine.filter_ids(Filters(camera="leica"))
     with Writer(idx, None) as w:  # a new commit: refresh() reads the columns of the catalog as it now is

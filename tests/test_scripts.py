@@ -40,12 +40,21 @@ def script(*args: str) -> subprocess.CompletedProcess:
 def test_bench_filters_names_the_engines_plan_and_is_exact_where_it_scans(tmp_path):
     out = script("bench_filters.py", "--size", "10000", "--queries", "5", "--kind", "IVF16,Flat", "--nprobe", "1",
                  "--seal-kind", "HNSW32", "--work", str(tmp_path)).stdout
-    rows = {(m[1], m[2]): (m[3], float(m[4])) for m in re.finditer(
-        r"^(fresh|sealed)\s+([\d.]+%)\s+\d+\s+(\w+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)$", out, re.M)}
-    assert {p for _, p in rows} == {"50.0%", "5.0%", "1.0%", "0.1%"} and len(rows) == 8, out
+    def table(out):
+        return {(m[1], m[2]): (m[3], float(m[4])) for m in re.finditer(
+            r"^(fresh|sealed|found)\s+([\d.]+%)\s+\d+\s+(\w+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)$", out, re.M)}
+
+    rows = table(out)
+    assert {p for _, p in rows} == {"100.0%", "50.0%", "5.0%", "1.0%", "0.1%"} and len(rows) == 10, out
     assert rows["fresh", "50.0%"][0] == "ivf" and rows["fresh", "0.1%"] == ("scan", 1.0)  # 10 photos pass: scored exactly
-    assert "sealed: 1 global segment(s) of HNSWFlat" in out  # compaction's kind, searched after Engine.refresh
+    assert rows["sealed", "100.0%"][0] == "hnsw"  # the unfiltered baseline
+    assert "sealed: 1 global segment(s) of HNSWFlat" in out and "huge pages: " in out  # compaction's kind, after refresh
     assert all(r[1] == 1.0 for r in rows.values() if r[0] == "scan"), out  # a scan is exact
+    for how in ((), ("--mapped",)):  # the index left in --work, measured again as found (resident, then mapped)
+        again = table(script("bench_filters.py", "--size", "10000", "--queries", "5", "--nprobe", "1", "--work",
+                             str(tmp_path), "--reuse", *how).stdout)
+        assert {p: r[0] for (_, p), r in again.items()} == {p: r[0] for (s, p), r in rows.items() if s == "sealed"}
+        assert all(r[1] == 1.0 for r in again.values() if r[0] == "scan")
 
 
 def test_bench_write_prints_commit_cost_per_size(tmp_path):

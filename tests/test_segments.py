@@ -232,3 +232,80 @@ def test_serve_compacts_in_the_background_and_keeps_answering(photos, embedder, 
         after = client.get("/photos/5/similar", params={"k": 5})
         assert before.status_code == after.status_code == 200 and after.json() == before.json()
     assert verify(idx).ok
+
+
+def _anon_huge_kb(addr: int) -> int:
+    """AnonHugePages (kB) of the mapping of this process that holds ``addr`` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+HUGE_CHILD = """
+import ctypes, json, sys
+assert ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0) == 0  # PR_SET_THP_DISABLE: this process gets no huge pages
+from search import Engine, EngineConfig, Example, SearchQuery
+e = Engine(sys.argv[1], EngineConfig(resident=True))
+print(json.dumps({"huge": [p.huge for p in e.global_index.parts],
+                  "hits": [[h.photo_id for h in e.search(SearchQuery((Example(q),), k=5)).hits] for q in (1, 7, 2999)]}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages through madvise are Linux's")
+def test_a_servers_global_vectors_sit_on_huge_pages_and_a_refresh_keeps_the_unchanged_segments(tmp_path):
+    """EngineConfig(resident=True), what serve uses, reads global segments whole and asks the kernel for huge pages:
+    here (Linux >= 6.1, THP "madvise") it says yes and smaps shows the vectors on huge pages; in a process with THP
+    disabled (prctl PR_SET_THP_DISABLE) the kernel says no, for real, and the answers are the same. A refresh keeps
+    the segments the new commit still names (the same objects, not read or checked again) and loads the new one."""
+    from search import Engine, EngineConfig, Example, Filters, SearchQuery
+
+    d, n = 384, 3000  # 4.6 MB of float vectors: two whole huge pages at least
+    m = Manifest(model="synthetic", model_type="dinov2", revision=None, dim=d, patch_size=14, num_registers=0,
+                 resolution=14, grid=1, mean=(0.5,) * 3, std=(0.5,) * 3, precision="fp32", fingerprint=[0.0] * d)
+    rng = np.random.default_rng(3)
+    xb = rng.normal(size=(n + 10, d)).astype(np.float32)
+    faiss.normalize_L2(xb)
+    idx = tmp_path / "idx"
+    with Writer(idx, m) as w:
+        ids = [w.allocate_id() for _ in range(n)]
+        w.add([(i, f"/p/{i}.jpg", 1, 1, f"h{i}", 14, 14) for i in ids], xb[:n], xb[:n].reshape(n, 1, 1, d))
+        w.commit()
+
+    def hits(e, q, f=Filters()):
+        return [h.photo_id for h in e.search(SearchQuery((Example(q),), filters=f, k=5)).hits]
+
+    mapped, resident = Engine(idx), Engine(idx, EngineConfig(resident=True))
+    (part,) = resident.global_index.parts
+    assert part.resident and part.huge == "huge", part.huge
+    vectors = part.rows()[0]
+    assert _anon_huge_kb(vectors.ctypes.data + vectors.nbytes // 2) >= 2048
+    assert mapped.global_index.parts[0].huge is None and not mapped.global_index.parts[0].resident
+    for q in (1, 7, 2999):
+        assert hits(resident, q) == hits(mapped, q)
+        assert hits(resident, q)[0] == q
+
+    child = subprocess.run([sys.executable, "-c", HUGE_CHILD, str(idx)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.returncode == 0, child.stderr
+    out = json.loads(child.stdout.strip().splitlines()[-1])
+    assert out["huge"][0].startswith("refused"), out
+    assert out["hits"] == [hits(mapped, q) for q in (1, 7, 2999)]
+
+    with Writer(idx, None) as w:
+        new = [w.allocate_id() for _ in range(10)]
+        w.add([(i, f"/p/{i}.jpg", 1, 1, f"h{i}", 14, 14) for i in new], xb[n:], xb[n:].reshape(10, 1, 1, d))
+        w.delete([7])
+        w.commit()
+    assert resident.refresh() and mapped.refresh()
+    kept, fresh = resident.global_index.parts
+    assert kept.index is part.index and kept.huge == "huge" and kept.dead.tolist() == [7]  # taken over, tombstone new
+    assert fresh.seg != part.seg and fresh.resident
+    for q in (1, new[0], new[-1]):
+        assert hits(resident, q) == hits(mapped, q) == hits(Engine(idx), q)
+        assert 7 not in hits(resident, q)
