@@ -154,7 +154,7 @@ class Columns:
             lat, lon, km = f.near
             band = km / 111.0 + 0.01  # as the SQL's latitude band (1 degree >= 110.5 km)
             plat, plon = col(self.lat), col(self.lon)
-            at_ = np.flatnonzero(ok & (np.abs(plat - lat) <= band) & ~np.isnan(plon))
+            inside = np.flatnonzero(ok & (np.abs(plat - lat) <= band) & ~np.isnan(plon))
             ok[:] = False
-            ok[at_[great_circle_km(plat[at_], plon[at_], lat, lon) <= km]] = True
+            ok[inside[great_circle_km(plat[inside], plon[inside], lat, lon) <= km]] = True
         return ok

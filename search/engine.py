@@ -353,7 +353,7 @@ class Engine:
         if label is None:
             return allowed if isinstance(allowed, Passing) else as_ids(allowed)
         ids = as_ids(allowed)
-        tagged = self._passing(Filters(label=label))
+        tagged = self._select(Filters(label=label)).ids
         return tagged if ids is None else np.intersect1d(tagged, ids)
 
     def _unknown_label(self, label: str) -> None:
@@ -379,11 +379,13 @@ class Engine:
             raise BadQuery(f"{self.root} was indexed before photo metadata existed: run `dinosearch index FOLDER "
                            f"--index {self.root}` once (it reads each photo's header, no re-embedding)")
 
-    def _passing(self, f: Filters) -> np.ndarray:
-        """The indexed photos ``f`` lets through, as sorted ids (numpy over this commit's columns)."""
+    def _select(self, f: Filters) -> Passing:
+        """The indexed photos ``f`` lets through (numpy over this commit's columns): a narrow date range's sorted ids
+        (Columns.narrow), else the mask over every photo id."""
         self._check_filters(f)
-        ids = self.columns.narrow(f)
-        return np.flatnonzero(self.columns.mask(f)).astype(np.int64) if ids is None else ids
+        cols = self.columns
+        ids = cols.narrow(f)
+        return Passing(cols.mask(f)) if ids is None else Passing(ids=ids, size=len(cols.indexed))
 
     def filter_passing(self, f: Filters) -> Passing | None:
         """The indexed photos ``f`` lets through as a Passing (a mask; ids on demand), or None when it filters
@@ -391,10 +393,7 @@ class Engine:
         browse's SQL selects."""
         if not f.active:
             return None
-        self._check_filters(f)
-        cols = self.columns
-        ids = cols.narrow(f)
-        passing = Passing(cols.mask(f)) if ids is None else Passing(ids=ids, size=len(cols.indexed))
+        passing = self._select(f)
         return None if passing.count >= len(self) else passing  # every photo passes: no selector to build and check
 
     def _near(self, rows: list[tuple], f: Filters, lat_at: int, lon_at: int) -> list[tuple]:
@@ -764,8 +763,7 @@ class Engine:
                 raise UnknownPhoto(f"photo ids {ids[:5].tolist()} are not all in the index") from None
             ids, scores = top_k(ids, scores, k)
         elif not exact and len(ids):  # re-rank the candidates on their stored vectors
-            xb = self.global_index.reconstruct_batch(ids)
-            scores = xb @ xq[0]
+            scores = self.global_index.inner_products(ids, xq[0])
             order = np.argsort(-scores, kind="stable")
             ids, scores = ids[order], scores[order]
         ids, scores = ids[:k], scores[:k]
