@@ -309,3 +309,23 @@ def test_a_servers_global_vectors_sit_on_huge_pages_and_a_refresh_keeps_the_unch
     for q in (1, new[0], new[-1]):
         assert hits(resident, q) == hits(mapped, q) == hits(Engine(idx), q)
         assert 7 not in hits(resident, q)
+
+
+def test_huge_pages_answer_for_every_branch_without_raising(monkeypatch):
+    """The branches a user's system selects that this machine cannot be: huge pages turned off by the user, and an
+    OS without madvise (macOS, Windows). Each answers in words and leaves the array as it was."""
+    from indexer import hugepages
+
+    a = np.arange(3 << 20, dtype=np.float32)  # 12 MB: whole huge pages inside
+    monkeypatch.setenv("DINOSEARCH_HUGE_PAGES", "0")
+    assert hugepages.on_huge_pages(a) == "refused: DINOSEARCH_HUGE_PAGES=0"
+    monkeypatch.delenv("DINOSEARCH_HUGE_PAGES")
+    assert hugepages.on_huge_pages(a[:10]) == "small"
+    monkeypatch.setattr(sys, "platform", "darwin")
+    hugepages._madvise.cache_clear()
+    try:
+        assert hugepages.on_huge_pages(a) == "unsupported"
+    finally:
+        monkeypatch.undo()
+        hugepages._madvise.cache_clear()
+    assert a[-1] == (3 << 20) - 1 and a[12345] == 12345
