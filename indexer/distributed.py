@@ -111,9 +111,18 @@ def _ray_init(address: str, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
     if address == "local":
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-        return
+        for attempt in (1, 2):  # Ray waits a fixed 30 s for its raylet to register; on a busy small machine it may not
+            try:
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
+                return
+            except Exception as e:  # Ray raises a bare Exception for it
+                if "timed out during startup" not in str(e):
+                    raise
+                ray.shutdown()  # stops what did start, so the second attempt begins clean
+                if attempt == 2:
+                    raise ConfigError("--ray local: Ray's local cluster did not start within its 30 s, twice (the machine "
+                                      "is busy?); try again, or index without --ray") from None
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except ConnectionError as e:  # Ray's own words are several lines naming its flags, not ours
